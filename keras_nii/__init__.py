@@ -1,0 +1,7 @@
+"""keras-nii: train and ship Keras models on NIfTI medical volumes."""
+
+from keras_nii.io import NiftiError, Volume, load_nifti, save_nifti
+
+__version__ = "0.1.0"
+
+__all__ = ["NiftiError", "Volume", "load_nifti", "save_nifti", "__version__"]

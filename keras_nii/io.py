@@ -1,0 +1,427 @@
+"""Read and write NIfTI volumes with their geometry.
+
+`load_nifti` turns a ``.nii``, ``.nii.gz`` or ``.hdr``/``.img`` file (NIfTI-1 or
+NIfTI-2) into a :class:`Volume`: a channels-last array ``(x, y, z, c)`` plus the
+affine of that array and what is needed to write a result back in the source
+file's own voxel order. `save_nifti` is the way back.
+
+Everything format-related is nibabel's: scaling comes from ``dataobj``
+(slope/intercept, applied once), reorientation from ``nibabel.orientations``
+(axis flips and transposes only, never a resampling).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import nibabel as nib
+import numpy as np
+from nibabel import orientations as ornt_tools
+from nibabel.filebasedimages import ImageFileError
+
+__all__ = ["NiftiError", "Volume", "load_nifti", "save_nifti", "NIFTI_SUFFIXES"]
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii", ".hdr", ".img")
+NonFinitePolicy = Literal["raise", "zero", "keep"]
+_NIFTI_TYPES = (nib.Nifti1Image, nib.Nifti2Image, nib.Nifti1Pair, nib.Nifti2Pair)
+_RAS = ornt_tools.axcodes2ornt(("R", "A", "S"))
+
+
+class NiftiError(ValueError):
+    """A NIfTI file that cannot be read or written; the message names the file."""
+
+
+def _identity_ornt() -> np.ndarray:
+    return np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
+
+
+@dataclass(frozen=True, eq=False)
+class Volume:
+    """A NIfTI volume as a channels-last array, with its geometry.
+
+    Attributes:
+        array: ``(x, y, z, c)`` array. 3D files have ``c == 1``; for 4D files the
+            4th axis (time, or modalities) becomes the channels.
+        affine: 4x4 voxel-to-world (RAS+ mm) matrix of ``array`` as returned,
+            so ``affine @ [i, j, k, 1]`` is the world position of
+            ``array[i, j, k]``.
+        header: the source file's header (a copy), or ``None`` for a volume
+            made in memory.
+        path: the source file, or ``None``.
+        source_affine: the affine stored in the source file.
+        source_shape: the data shape stored in the source file.
+        orientation: the nibabel orientation transform (``(3, 2)`` array) that
+            took the source voxel axes to the axes of ``array``; the identity
+            when the file was read with ``canonical=False``.
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    header: Any = None
+    path: str | None = None
+    source_affine: np.ndarray | None = None
+    source_shape: tuple[int, ...] | None = None
+    orientation: np.ndarray = field(default_factory=_identity_ornt)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of ``array``: ``(x, y, z, c)``."""
+        return tuple(self.array.shape)
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel sizes in mm along the three axes of ``array``."""
+        return tuple(float(v) for v in nib.affines.voxel_sizes(self.affine))
+
+    @property
+    def axcodes(self) -> tuple[str, str, str]:
+        """Orientation codes of ``array``'s axes, e.g. ``('R', 'A', 'S')``."""
+        return tuple(nib.aff2axcodes(self.affine))
+
+    def to_source(self, array: np.ndarray) -> np.ndarray:
+        """Put an array laid out like ``self.array`` back in the source voxel order."""
+        array = np.asarray(array)
+        if array.ndim < 3:
+            raise ValueError(f"array must have at least 3 dimensions, got shape {array.shape}")
+        if tuple(array.shape[:3]) != tuple(self.array.shape[:3]):
+            raise ValueError(
+                f"array of spatial shape {tuple(array.shape[:3])} does not match the volume's "
+                f"spatial shape {tuple(self.array.shape[:3])}"
+                + (f" ({self.path})" if self.path else "")
+            )
+        return ornt_tools.apply_orientation(array, _invert_ornt(self.orientation))
+
+
+def _invert_ornt(transform: np.ndarray) -> np.ndarray:
+    """The orientation transform that undoes ``transform``."""
+    transform = np.asarray(transform)
+    inverse = np.empty_like(transform)
+    for axis, (new_axis, flip) in enumerate(transform):
+        inverse[int(new_axis)] = (axis, flip)
+    return inverse
+
+
+def _fail(path: Any, problem: str) -> NiftiError:
+    return NiftiError(f"{os.fspath(path)}: {problem}")
+
+
+def _has_nifti_suffix(path: str) -> bool:
+    return path.lower().endswith(NIFTI_SUFFIXES)
+
+
+def _read_image(path: str):
+    if not os.path.exists(path):
+        raise _fail(path, "no such file")
+    if os.path.isdir(path):
+        raise _fail(path, "is a directory, not a NIfTI file")
+    try:
+        img = nib.load(path)
+    except ImageFileError as err:
+        raise _fail(path, f"not a NIfTI file ({err})") from err
+    except (OSError, EOFError, zlib.error, ValueError, TypeError, struct.error) as err:
+        raise _fail(path, f"unreadable or corrupt header ({type(err).__name__}: {err})") from err
+    if isinstance(img, nib.Cifti2Image):
+        raise _fail(path, "is a CIFTI-2 file (surface/grayordinate data), not a volume")
+    if not isinstance(img, _NIFTI_TYPES):
+        raise _fail(path, f"not a NIfTI file (nibabel reads it as {type(img).__name__})")
+    return img
+
+
+def _spatial_layout(path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Return the (x, y, z, c) shape that a stored shape maps to, or raise."""
+    if len(shape) == 3:
+        return (*shape, 1)
+    if len(shape) == 4:
+        return shape
+    if len(shape) == 5 and shape[3] == 1:
+        return (shape[0], shape[1], shape[2], shape[4])
+    raise _fail(
+        path,
+        f"unsupported data shape {shape}: keras-nii reads 3D volumes, 4D series (the 4th axis "
+        "becomes channels) and 5D files whose 4th axis has length 1",
+    )
+
+
+def load_nifti(
+    path: str | os.PathLike,
+    *,
+    canonical: bool = True,
+    dtype: str | np.dtype = "float32",
+    nonfinite: NonFinitePolicy = "raise",
+) -> Volume:
+    """Read a NIfTI file into a :class:`Volume`.
+
+    Args:
+        path: a ``.nii``, ``.nii.gz``, ``.hdr`` or ``.img`` file (NIfTI-1 or NIfTI-2).
+        canonical: reorient the voxel axes to RAS+ (axis 0 left->right,
+            1 posterior->anterior, 2 inferior->superior) with flips and
+            transposes only. ``False`` keeps the file's voxel order.
+        dtype: dtype of the returned array. The file's scaling
+            (``scl_slope``/``scl_inter``) is applied once, in floating point.
+            An integer dtype (for label maps) rounds to the nearest integer
+            before casting, so a label stored as 0.9999 becomes 1; values out
+            of the dtype's range are an error.
+        nonfinite: what to do with NaN / inf voxels: ``"raise"`` (default) a
+            :class:`NiftiError` that counts them, ``"zero"`` replace them with
+            0, ``"keep"`` pass them on unchanged (float dtypes only).
+
+    Returns:
+        A :class:`Volume` whose ``array`` is ``(x, y, z, c)``.
+
+    Raises:
+        NiftiError: the file is missing, not NIfTI, truncated or corrupt, its
+            header does not match its data, its rank is not supported, or it
+            holds non-finite values under ``nonfinite="raise"``.
+        ValueError: a bad argument.
+
+    Example:
+
+    >>> vol = load_nifti("sub-01_T1w.nii.gz")          # doctest: +SKIP
+    >>> vol.shape, vol.spacing, vol.axcodes             # doctest: +SKIP
+    ((176, 256, 256, 1), (1.0, 1.0, 1.0), ('R', 'A', 'S'))
+    """
+    path = os.fspath(path)
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "fiub":
+        raise ValueError(f"dtype must be a float, integer or bool dtype, got {dtype}")
+    if nonfinite not in ("raise", "zero", "keep"):
+        raise ValueError(f"nonfinite must be 'raise', 'zero' or 'keep', got {nonfinite!r}")
+    if nonfinite == "keep" and dtype.kind != "f":
+        raise ValueError("nonfinite='keep' needs a float dtype: NaN has no integer value")
+
+    img = _read_image(path)
+    shape = tuple(int(s) for s in img.shape)
+    layout = _spatial_layout(path, shape)
+
+    on_disk = img.get_data_dtype()
+    slope, inter = img.dataobj.slope, img.dataobj.inter
+    exact_ints = on_disk.kind in "iub" and np.isfinite(slope) and np.isfinite(inter)
+    work = dtype if dtype.kind == "f" else np.dtype("float64")
+    if dtype.kind == "f" and dtype.itemsize < 4:
+        work = np.dtype("float32")
+    try:
+        data = np.asarray(img.dataobj.__array__(work))
+    except MemoryError:
+        raise
+    except Exception as err:  # nibabel/gzip/numpy report damage in many ways
+        raise _fail(
+            path,
+            f"data cannot be read: truncated, corrupt, or smaller than its header says "
+            f"({type(err).__name__}: {err})",
+        ) from err
+    if data.shape != shape:
+        raise _fail(path, f"header shape {shape} does not match the data read {data.shape}")
+    data = data.reshape(layout)
+
+    if not exact_ints:
+        bad = ~np.isfinite(data)
+        n_bad = int(np.count_nonzero(bad))
+        if n_bad:
+            if nonfinite == "raise" or (nonfinite == "keep" and dtype.kind != "f"):
+                raise _fail(
+                    path,
+                    f"{n_bad} non-finite voxel(s) (NaN or inf); pass nonfinite='zero' to "
+                    "replace them with 0 or nonfinite='keep' to keep them",
+                )
+            if nonfinite == "zero":
+                data = np.where(bad, 0, data).astype(data.dtype, copy=False)
+
+    if dtype.kind in "iu":
+        data = np.rint(data)
+        info = np.iinfo(dtype)
+        if data.size and (data.min() < info.min or data.max() > info.max):
+            raise _fail(
+                path,
+                f"values in [{data.min()}, {data.max()}] do not fit dtype {dtype.name}",
+            )
+    elif dtype.kind == "b":
+        data = data != 0
+    data = data.astype(dtype, copy=False)
+
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if canonical:
+        transform = ornt_tools.ornt_transform(ornt_tools.io_orientation(affine), _RAS)
+        data = ornt_tools.apply_orientation(data, transform)
+        array_affine = affine @ ornt_tools.inv_ornt_aff(transform, shape[:3])
+    else:
+        transform = _identity_ornt()
+        array_affine = affine.copy()
+    header = img.header.copy()
+    # nibabel moves the scaling from the header to the data proxy on load; keep
+    # it in our copy so save_nifti(..., like=) can write the source's encoding
+    header.set_slope_inter(slope, inter)
+    return Volume(
+        array=np.ascontiguousarray(data),
+        affine=array_affine,
+        header=header,
+        path=path,
+        source_affine=affine,
+        source_shape=shape,
+        orientation=transform,
+    )
+
+
+def _same_file(a: str, b: str) -> bool:
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.abspath(a) == os.path.abspath(b)
+
+
+def _pair_paths(path: str) -> list[str]:
+    """A file and, for an Analyze-style pair, its twin."""
+    lower = path.lower()
+    for one, other in ((".hdr", ".img"), (".img", ".hdr")):
+        if lower.endswith(one):
+            return [path, path[: -len(one)] + other]
+    return [path]
+
+
+def _requantize(data: np.ndarray, header: Any) -> tuple[np.ndarray, float, float] | None:
+    """Express float ``data`` in the header's integer dtype and scaling, if that is lossless.
+
+    A volume read from an integer file with scl_slope/scl_inter and written back
+    unchanged then reproduces the source file itself, not a float copy of it.
+    """
+    on_disk = header.get_data_dtype()
+    if data.dtype.kind != "f" or on_disk.kind not in "iu" or data.size == 0:
+        return None
+    slope, inter = header.get_slope_inter()
+    slope = 1.0 if slope is None or not np.isfinite(slope) or slope == 0 else float(slope)
+    inter = 0.0 if inter is None or not np.isfinite(inter) else float(inter)
+    if not np.all(np.isfinite(data)):
+        return None
+    raw = np.rint((data.astype(np.float64) - inter) / slope)
+    info = np.iinfo(on_disk)
+    if raw.min() < info.min or raw.max() > info.max:
+        return None
+    back = (raw * slope + inter).astype(data.dtype)
+    tolerance = 2 * np.finfo(data.dtype).eps * np.maximum(np.abs(data), abs(inter) + 1.0)
+    if not np.all(np.abs(back - data) <= tolerance):
+        return None
+    return raw.astype(on_disk), slope, inter
+
+
+def save_nifti(
+    array: Any,
+    path: str | os.PathLike,
+    *,
+    like: Volume | None = None,
+    affine: np.ndarray | None = None,
+    dtype: str | np.dtype | None = None,
+) -> Path:
+    """Write an array as a NIfTI file.
+
+    Args:
+        array: ``(x, y, z)`` or ``(x, y, z, c)`` (a NumPy array or anything
+            ``np.asarray`` takes, such as a tensor). A single channel is
+            written as a 3D volume, several as a 4D one.
+        path: where to write; the suffix picks the format (``.nii``,
+            ``.nii.gz``, or a ``.hdr``/``.img`` pair).
+        like: a :class:`Volume` from :func:`load_nifti` whose array ``array``
+            is laid out like. The reorientation done at load time is undone,
+            and the file is written in the source's own voxel order, with its
+            affine and header (units, TR, codes), so it overlays the source
+            exactly. Writing over ``like``'s own file is refused.
+        affine: the 4x4 voxel-to-world matrix, when ``like`` is not given
+            (default: identity).
+        dtype: the on-disk dtype (default: the array's; bool is written as uint8).
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: bad arguments (shapes, suffix, writing over the source).
+        NiftiError: the file cannot be written.
+    """
+    path = os.fspath(path)
+    if not _has_nifti_suffix(path):
+        raise ValueError(f"path must end with one of {NIFTI_SUFFIXES}, got {path!r}")
+    data = np.asarray(array)
+    if data.ndim == 4 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim not in (3, 4):
+        raise ValueError(
+            f"array must be (x, y, z) or (x, y, z, c), got shape {data.shape} for {path}"
+        )
+    if dtype is not None:
+        data = data.astype(np.dtype(dtype), copy=False)
+    elif data.dtype == bool:
+        data = data.astype(np.uint8)
+    elif data.dtype.kind not in "fiuc":
+        raise ValueError(f"cannot write an array of dtype {data.dtype} to {path}")
+
+    header = None
+    scaling = None
+    if like is not None:
+        if affine is not None:
+            raise ValueError("pass either like= or affine=, not both")
+        if like.path is not None:
+            for target in _pair_paths(path):
+                for source in _pair_paths(like.path):
+                    if _same_file(target, source):
+                        raise ValueError(
+                            f"refusing to write {path}: it is the source file of like= ({like.path})"
+                        )
+        data = like.to_source(data)
+        if dtype is None and isinstance(like.header, nib.Nifti1Header):
+            scaling = _requantize(data, like.header)
+        affine = like.source_affine if like.source_affine is not None else like.affine
+        if like.source_shape is not None and len(like.source_shape) == 5 and data.ndim == 4:
+            data = data[:, :, :, None, :]
+        if isinstance(like.header, nib.Nifti1Header):
+            header = like.header.copy()
+    if affine is None:
+        affine = np.eye(4)
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+        raise ValueError(f"affine must be a finite 4x4 matrix, got {affine!r}")
+
+    klass = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+    if path.lower().endswith((".hdr", ".img")):
+        klass = nib.Nifti2Pair if klass is nib.Nifti2Image else nib.Nifti1Pair
+    if header is not None and not isinstance(header, klass.header_class):
+        header = klass.header_class.from_header(header)
+    if scaling is not None:
+        data = scaling[0]
+    img = klass(data, affine, header=header)
+    img.header.set_data_dtype(data.dtype)
+    if scaling is not None:
+        # written as stored in the source: same integers, same slope and intercept
+        img.header.set_slope_inter(scaling[1], scaling[2])
+    if header is not None:
+        # keep the source's sform/qform codes (scanner, aligned, MNI ...)
+        img.set_sform(affine, int(header["sform_code"]) or 2)
+        img.set_qform(affine, int(header["qform_code"]) or 1)
+
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise NiftiError(f"{path}: cannot write: folder {directory} does not exist")
+    if len(_pair_paths(path)) == 2:
+        try:
+            img.to_filename(path)
+        except OSError as err:
+            raise NiftiError(f"{path}: cannot write: {err}") from err
+        return Path(path)
+    # write next to the target, then move into place: a failed write never
+    # leaves a half-written file where a good one was
+    suffix = ".nii.gz" if path.lower().endswith(".nii.gz") else ".nii"
+    try:
+        fd, tmp = tempfile.mkstemp(suffix=suffix, prefix=".keras-nii-", dir=directory)
+    except OSError as err:
+        raise NiftiError(f"{path}: cannot write: {err}") from err
+    os.close(fd)
+    try:
+        img.to_filename(tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        raise NiftiError(f"{path}: cannot write: {err}") from err
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return Path(path)
