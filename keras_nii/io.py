@@ -13,9 +13,7 @@ Everything format-related is nibabel's: scaling comes from ``dataobj``
 from __future__ import annotations
 
 import os
-import struct
-import tempfile
-import zlib
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +22,7 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations as ornt_tools
 from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError
 
 __all__ = ["NiftiError", "Volume", "load_nifti", "save_nifti", "NIFTI_SUFFIXES"]
 
@@ -124,12 +123,20 @@ def _read_image(path: str):
         img = nib.load(path)
     except ImageFileError as err:
         raise _fail(path, f"not a NIfTI file ({err})") from err
-    except (OSError, EOFError, zlib.error, ValueError, TypeError, struct.error) as err:
+    except MemoryError:
+        raise
+    except Exception as err:  # OSError, EOFError, zlib.error, HeaderDataError, struct.error ...
         raise _fail(path, f"unreadable or corrupt header ({type(err).__name__}: {err})") from err
     if isinstance(img, nib.Cifti2Image):
         raise _fail(path, "is a CIFTI-2 file (surface/grayordinate data), not a volume")
     if not isinstance(img, _NIFTI_TYPES):
         raise _fail(path, f"not a NIfTI file (nibabel reads it as {type(img).__name__})")
+    twins = _pair_paths(path)
+    if len(twins) == 2:
+        twin = twins[1]
+        stem, ext = os.path.splitext(twin)
+        if not any(os.path.exists(stem + e) for e in (ext, ext.upper(), ext.lower())):
+            raise _fail(path, f"its pair file {twin} is missing (a .hdr/.img pair needs both)")
     return img
 
 
@@ -198,8 +205,16 @@ def load_nifti(
     img = _read_image(path)
     shape = tuple(int(s) for s in img.shape)
     layout = _spatial_layout(path, shape)
+    if 0 in shape:
+        raise _fail(path, f"empty volume: its header says the data shape is {shape}")
 
     on_disk = img.get_data_dtype()
+    if on_disk.kind not in "fiub":
+        raise _fail(
+            path,
+            f"unsupported on-disk data type {on_disk} (complex, RGB and other compound "
+            "types are not volumes of real numbers)",
+        )
     slope, inter = img.dataobj.slope, img.dataobj.inter
     exact_ints = on_disk.kind in "iub" and np.isfinite(slope) and np.isfinite(inter)
     work = dtype if dtype.kind == "f" else np.dtype("float64")
@@ -330,7 +345,10 @@ def save_nifti(
             exactly. Writing over ``like``'s own file is refused.
         affine: the 4x4 voxel-to-world matrix, when ``like`` is not given
             (default: identity).
-        dtype: the on-disk dtype (default: the array's; bool is written as uint8).
+        dtype: the on-disk dtype. Default: the array's, except that bool is
+            written as uint8, float16 as float32 (NIfTI has no half type) and
+            64-bit integers as 32-bit ones when the values fit (an error
+            otherwise; pass ``dtype="int64"`` to write 64-bit integers).
 
     Returns:
         The path written.
@@ -353,6 +371,19 @@ def save_nifti(
         data = data.astype(np.dtype(dtype), copy=False)
     elif data.dtype == bool:
         data = data.astype(np.uint8)
+    elif data.dtype == np.float16:
+        # NIfTI has no half-precision type (mixed-precision model outputs)
+        data = data.astype(np.float32)
+    elif data.dtype.kind in "iu" and data.dtype.itemsize == 8:
+        # e.g. np.argmax output; most NIfTI tools do not read 64-bit integers
+        small = np.dtype(data.dtype.kind + "4")
+        info = np.iinfo(small)
+        if data.size and (data.min() < info.min or data.max() > info.max):
+            raise ValueError(
+                f"cannot write {data.dtype} values in [{data.min()}, {data.max()}] to {path} as "
+                f"{small.name}; pass dtype={data.dtype.name!r} to write 64-bit integers"
+            )
+        data = data.astype(small)
     elif data.dtype.kind not in "fiuc":
         raise ValueError(f"cannot write an array of dtype {data.dtype} to {path}")
 
@@ -386,11 +417,18 @@ def save_nifti(
     if path.lower().endswith((".hdr", ".img")):
         klass = nib.Nifti2Pair if klass is nib.Nifti2Image else nib.Nifti1Pair
     if header is not None and not isinstance(header, klass.header_class):
+        endianness = header.endianness
         header = klass.header_class.from_header(header)
+        if header.endianness != endianness:
+            # from_header makes a native-endian header; keep the source's byte order
+            header = header.as_byteswapped(endianness)
     if scaling is not None:
         data = scaling[0]
-    img = klass(data, affine, header=header)
-    img.header.set_data_dtype(data.dtype)
+    try:
+        img = klass(data, affine, header=header, dtype=data.dtype)
+        img.header.set_data_dtype(data.dtype)
+    except (HeaderDataError, ValueError) as err:
+        raise ValueError(f"cannot write an array of dtype {data.dtype} to {path}: {err}") from err
     if scaling is not None:
         # written as stored in the source: same integers, same slope and intercept
         img.header.set_slope_inter(scaling[1], scaling[2])
@@ -410,12 +448,10 @@ def save_nifti(
         return Path(path)
     # write next to the target, then move into place: a failed write never
     # leaves a half-written file where a good one was
+    # (nibabel creates the temporary file itself, so it gets the usual
+    # permissions under the umask, not mkstemp's owner-only 0600)
     suffix = ".nii.gz" if path.lower().endswith(".nii.gz") else ".nii"
-    try:
-        fd, tmp = tempfile.mkstemp(suffix=suffix, prefix=".keras-nii-", dir=directory)
-    except OSError as err:
-        raise NiftiError(f"{path}: cannot write: {err}") from err
-    os.close(fd)
+    tmp = os.path.join(directory, f".keras-nii-{uuid.uuid4().hex}{suffix}")
     try:
         img.to_filename(tmp)
         os.replace(tmp, path)

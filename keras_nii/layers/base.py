@@ -1,0 +1,311 @@
+"""The contract every keras-nii layer shares, written once.
+
+:class:`VolumeLayer` accepts what Keras's own image preprocessing layers accept,
+in 3D: a tensor of rank 4 ``(x, y, z, c)`` or 5 ``(batch, x, y, z, c)``
+(``data_format="channels_first"`` accepted), or a dict with the keys
+``"images"`` and ``"segmentation_masks"``. Subclasses see one canonical form
+only, a channels-last rank-5 batch, and implement
+
+- ``get_random_transformation(batch_size, spatial_shape)``: the parameters of
+  one draw per sample (random layers), as a dict of tensors;
+- ``transform_images(images, transformation)``;
+- ``transform_segmentation_masks(masks, transformation)``: the same spatial
+  transform with nearest-neighbour sampling; masks keep their dtype. The
+  default leaves masks untouched (intensity layers, normalization).
+
+Random layers return their input unchanged when ``training`` is false; called on
+their own, ``training`` defaults to true, as for Keras's random layers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+from keras import ops
+
+__all__ = [
+    "VolumeLayer",
+    "IMAGES",
+    "MASKS",
+    "check_probability",
+    "check_range",
+    "check_shape",
+    "register",
+]
+
+IMAGES = "images"
+MASKS = "segmentation_masks"
+_KEYS = (IMAGES, MASKS)
+
+
+def register(cls: type) -> type:
+    """Register a layer for ``.keras`` files under the package ``keras_nii``."""
+    return keras.saving.register_keras_serializable(package="keras_nii")(cls)
+
+
+# ----------------------------------------------------------------------------
+# argument parsing, in one place
+
+
+def check_probability(name: str, value: Any) -> float:
+    """A probability in [0, 1], or a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def check_range(
+    name: str,
+    value: Any,
+    *,
+    symmetric_about: float | None = 0.0,
+    minimum: float | None = None,
+    maximum: float | None = None,
+) -> tuple[float, float]:
+    """Parse a ``(low, high)`` range.
+
+    A single number ``v`` means ``(center - v, center + v)`` with ``center =
+    symmetric_about`` (and must then be non-negative). A pair must be ordered.
+    Bounds are checked against ``minimum`` and ``maximum``.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a number or a (low, high) pair, got {value!r}")
+    if isinstance(value, (int, float)):
+        if symmetric_about is None:
+            low = high = float(value)
+        else:
+            if value < 0:
+                raise ValueError(f"{name} must be non-negative when given as one number, got {value!r}")
+            low, high = symmetric_about - float(value), symmetric_about + float(value)
+    elif isinstance(value, (list, tuple)) and len(value) == 2 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+    ):
+        low, high = float(value[0]), float(value[1])
+        if low > high:
+            raise ValueError(f"{name} range is upside down: low {low} > high {high}")
+    else:
+        raise ValueError(f"{name} must be a number or a (low, high) pair, got {value!r}")
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if minimum is not None and low < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    if maximum is not None and high > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value!r}")
+    return low, high
+
+
+def check_per_axis_range(name: str, value: Any, **kwargs: Any) -> tuple[tuple[float, float], ...]:
+    """A range for each of the three axes: one range for all, or three of them."""
+    if isinstance(value, (list, tuple)) and len(value) == 3:
+        return tuple(check_range(f"{name}[{axis}]", v, **kwargs) for axis, v in enumerate(value))
+    one = check_range(name, value, **kwargs)
+    return (one, one, one)
+
+
+def check_shape(name: str, value: Any) -> tuple[int, int, int]:
+    """A spatial shape of three positive ints."""
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) != 3
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    ):
+        raise ValueError(f"{name} must be three positive integers (x, y, z), got {value!r}")
+    return tuple(int(v) for v in value)
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_axes(name: str, value: Any) -> tuple[int, ...]:
+    """Spatial axes: a subset of (0, 1, 2) without repeats."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value,)
+    if (
+        not isinstance(value, (list, tuple))
+        or not all(isinstance(a, int) and not isinstance(a, bool) for a in value)
+        or any(a not in (0, 1, 2) for a in value)
+        or len(set(value)) != len(value)
+    ):
+        raise ValueError(f"{name} must be distinct spatial axes among (0, 1, 2), got {value!r}")
+    return tuple(int(a) for a in value)
+
+
+# ----------------------------------------------------------------------------
+
+
+class VolumeLayer(keras.layers.Layer):
+    """Base class of the keras-nii layers (see the module docstring).
+
+    Args:
+        data_format: ``"channels_last"`` (default, Keras's global setting) or
+            ``"channels_first"``.
+        seed: for random layers, the seed of the layer's random stream.
+        **kwargs: passed to ``keras.layers.Layer`` (``name``, ``dtype``...).
+    """
+
+    #: random layers are the identity when ``training`` is false
+    RANDOM = False
+    #: whether the layer moves voxels (then masks follow it)
+    SPATIAL = False
+
+    def __init__(self, data_format: str | None = None, seed: int | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        if data_format is None:
+            data_format = keras.backend.image_data_format()
+        self.data_format = check_choice("data_format", data_format, ("channels_last", "channels_first"))
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"seed must be an int or None, got {seed!r}")
+        self.seed = seed
+        if self.RANDOM:
+            self.generator = keras.random.SeedGenerator(seed)
+        self.supports_jit = True
+
+    # -- what subclasses implement -------------------------------------------
+
+    def get_random_transformation(self, batch_size: Any, spatial_shape: Sequence[Any]) -> Any:
+        return None
+
+    def transform_images(self, images: Any, transformation: Any) -> Any:
+        raise NotImplementedError
+
+    def transform_segmentation_masks(self, masks: Any, transformation: Any) -> Any:
+        return masks
+
+    def compute_spatial_output_shape(self, spatial_shape: tuple) -> tuple:
+        return tuple(spatial_shape)
+
+    # -- the shared machinery ------------------------------------------------
+
+    def _split(self, inputs: Any) -> tuple[dict, bool]:
+        if isinstance(inputs, dict):
+            unknown = sorted(set(inputs) - set(_KEYS))
+            if unknown:
+                raise ValueError(
+                    f"{type(self).__name__} takes a dict with the keys {_KEYS}; "
+                    f"got unknown key(s) {unknown}"
+                )
+            if not inputs:
+                raise ValueError(f"{type(self).__name__} got an empty dict")
+            return dict(inputs), True
+        return {IMAGES: inputs}, False
+
+    def _rank(self, key: str, tensor: Any) -> int:
+        rank = len(tensor.shape)
+        if rank not in (4, 5):
+            layout = "(x, y, z, c)" if self.data_format == "channels_last" else "(c, x, y, z)"
+            raise ValueError(
+                f"{type(self).__name__} expects {key} of rank 4 {layout} or 5 (batch, ...); "
+                f"got shape {tuple(tensor.shape)}"
+            )
+        return rank
+
+    def _to_canonical(self, tensor: Any, rank: int) -> Any:
+        if rank == 4:
+            tensor = ops.expand_dims(tensor, 0)
+        if self.data_format == "channels_first":
+            tensor = ops.transpose(tensor, (0, 2, 3, 4, 1))
+        return tensor
+
+    def _from_canonical(self, tensor: Any, rank: int) -> Any:
+        if self.data_format == "channels_first":
+            tensor = ops.transpose(tensor, (0, 4, 1, 2, 3))
+        if rank == 4:
+            tensor = ops.squeeze(tensor, 0)
+        return tensor
+
+    def _prepare_images(self, images: Any) -> Any:
+        images = ops.convert_to_tensor(images)
+        if not keras.backend.is_float_dtype(images.dtype):
+            images = ops.cast(images, self.compute_dtype)
+        return images
+
+    def call(self, inputs: Any, training: bool = True) -> Any:
+        data, was_dict = self._split(inputs)
+        if self.RANDOM and not training:
+            return inputs
+        ranks = {key: self._rank(key, value) for key, value in data.items()}
+        if len(set(ranks.values())) > 1:
+            raise ValueError(
+                f"{type(self).__name__}: images and segmentation_masks must have the same rank; "
+                f"got {ranks}"
+            )
+        if IMAGES in data:
+            data[IMAGES] = self._prepare_images(data[IMAGES])
+        else:
+            data[MASKS] = ops.convert_to_tensor(data[MASKS])
+        canonical = {key: self._to_canonical(value, ranks[key]) for key, value in data.items()}
+        reference = canonical.get(IMAGES, canonical.get(MASKS))
+        shape = ops.shape(reference)
+        transformation = self.get_random_transformation(shape[0], shape[1:4])
+        out = {}
+        if IMAGES in canonical:
+            out[IMAGES] = self.transform_images(canonical[IMAGES], transformation)
+        if MASKS in canonical:
+            out[MASKS] = self.transform_segmentation_masks(canonical[MASKS], transformation)
+        out = {key: self._from_canonical(value, ranks[key]) for key, value in out.items()}
+        return out if was_dict else out[IMAGES]
+
+    def _output_shape_of(self, shape: Sequence) -> tuple:
+        shape = tuple(shape)
+        if len(shape) not in (4, 5):
+            raise ValueError(f"{type(self).__name__} expects rank 4 or 5 input, got shape {shape}")
+        batch = shape[:-4]
+        body = shape[-4:]
+        if self.data_format == "channels_first":
+            channels, spatial = body[0], body[1:]
+            return (*batch, channels, *self.compute_spatial_output_shape(spatial))
+        spatial, channels = body[:3], body[3]
+        return (*batch, *self.compute_spatial_output_shape(spatial), channels)
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        if isinstance(input_shape, dict):
+            return {key: self._output_shape_of(value) for key, value in input_shape.items()}
+        return self._output_shape_of(input_shape)
+
+    def compute_output_spec(self, inputs: Any, training: bool = True) -> Any:
+        def spec(key: str, tensor: Any) -> Any:
+            dtype = tensor.dtype
+            if key == IMAGES and not keras.backend.is_float_dtype(dtype):
+                dtype = self.compute_dtype
+            return keras.KerasTensor(self._output_shape_of(tensor.shape), dtype=dtype)
+
+        if isinstance(inputs, dict):
+            self._split(inputs)
+            return {key: spec(key, value) for key, value in inputs.items()}
+        return spec(IMAGES, inputs)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config["data_format"] = self.data_format
+        if self.RANDOM:
+            config["seed"] = self.seed
+        return config
+
+    # -- helpers for random layers ---------------------------------------------
+
+    def uniform(self, shape: Sequence[Any], low: Any = 0.0, high: Any = 1.0) -> Any:
+        """One float32 draw from the layer's stream, in ``[low, high)``."""
+        return keras.random.uniform(
+            shape, minval=low, maxval=high, dtype="float32", seed=self.generator
+        )
+
+    def normal(self, shape: Sequence[Any], stddev: Any = 1.0) -> Any:
+        return keras.random.normal(shape, stddev=stddev, dtype="float32", seed=self.generator)
+
+    def coin(self, batch_size: Any, probability: float) -> Any:
+        """``(batch,)`` booleans, true with ``probability``, one per sample."""
+        return self.uniform((batch_size,)) < probability
+
+
+def broadcast_per_sample(values: Any, like: Any) -> Any:
+    """Reshape ``(batch,)`` or ``(batch, channels)`` values to broadcast on a rank-5 batch."""
+    values = ops.convert_to_tensor(values)
+    if len(values.shape) == 1:
+        values = ops.expand_dims(values, -1)
+    return ops.cast(ops.expand_dims(ops.expand_dims(ops.expand_dims(values, 1), 1), 1), like.dtype)
