@@ -73,9 +73,7 @@ def _parse_shape(shape: Sequence[int], name: str = "shape") -> tuple[int, int, i
         for v in values
     )
     if not ok:
-        raise ValueError(
-            f"{name} must be 3 integers, each >= {_MIN_SIZE}, got {shape!r}"
-        )
+        raise ValueError(f"{name} must be 3 integers, each >= {_MIN_SIZE}, got {shape!r}")
     return tuple(int(v) for v in values)
 
 
@@ -153,9 +151,7 @@ def _linear_weights(coords: np.ndarray, nodes: int) -> np.ndarray:
     return weights
 
 
-def _smooth_texture(
-    rng: np.random.Generator, axes: Sequence[np.ndarray], nodes: int
-) -> np.ndarray:
+def _smooth_texture(rng: np.random.Generator, axes: Sequence[np.ndarray], nodes: int) -> np.ndarray:
     """A coarse ``nodes**3`` random grid in [-1, 1], trilinearly upsampled to the grid."""
     coarse = rng.uniform(-1.0, 1.0, size=(nodes, nodes, nodes)).astype(np.float32)
     wx, wy, wz = (_linear_weights(a, nodes) for a in axes)
@@ -473,13 +469,13 @@ def make_dataset(
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     shape = _parse_shape(shape)
     if isinstance(orientations, str) or len(orientations) == 0:
-        raise ValueError(f"orientations must be a non-empty sequence of names, got {orientations!r}")
+        raise ValueError(
+            f"orientations must be a non-empty sequence of names, got {orientations!r}"
+        )
     for name in orientations:
         _parse_orientation(name, "orientations")
     try:
-        spacings = [
-            _parse_spacing(s, "spacings") for s in spacings
-        ]
+        spacings = [_parse_spacing(s, "spacings") for s in spacings]
     except TypeError as err:
         raise ValueError(f"spacings must be a sequence of voxel sizes, got {spacings!r}") from err
     if not spacings:
