@@ -361,7 +361,9 @@ def save_nifti(
     if not _has_nifti_suffix(path):
         raise ValueError(f"path must end with one of {NIFTI_SUFFIXES}, got {path!r}")
     data = np.asarray(array)
-    if data.ndim == 4 and data.shape[-1] == 1:
+    source_rank = None if like is None or like.source_shape is None else len(like.source_shape)
+    if data.ndim == 4 and data.shape[-1] == 1 and source_rank in (None, 3):
+        # one channel is a 3D volume, unless the source was a 4D/5D file of one volume
         data = data[..., 0]
     if data.ndim not in (3, 4):
         raise ValueError(
@@ -432,10 +434,13 @@ def save_nifti(
     if scaling is not None:
         # written as stored in the source: same integers, same slope and intercept
         img.header.set_slope_inter(scaling[1], scaling[2])
-    if header is not None:
+    if header is not None and not np.allclose(img.header.get_best_affine(), affine, atol=1e-6):
         # keep the source's sform/qform codes (scanner, aligned, MNI ...)
         img.set_sform(affine, int(header["sform_code"]) or 2)
         img.set_qform(affine, int(header["qform_code"]) or 1)
+    # otherwise the source header's own sform, qform and pixdim already say
+    # this affine: they are kept bit for bit (recomputing the qform from the
+    # affine would change pixdim in the last digits)
 
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
