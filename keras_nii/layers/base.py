@@ -78,10 +78,14 @@ def check_range(
             low = high = float(value)
         else:
             if value < 0:
-                raise ValueError(f"{name} must be non-negative when given as one number, got {value!r}")
+                raise ValueError(
+                    f"{name} must be non-negative when given as one number, got {value!r}"
+                )
             low, high = symmetric_about - float(value), symmetric_about + float(value)
-    elif isinstance(value, (list, tuple)) and len(value) == 2 and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+    elif (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
     ):
         low, high = float(value[0]), float(value[1])
         if low > high:
@@ -158,7 +162,9 @@ class VolumeLayer(keras.layers.Layer):
         super().__init__(**kwargs)
         if data_format is None:
             data_format = keras.backend.image_data_format()
-        self.data_format = check_choice("data_format", data_format, ("channels_last", "channels_first"))
+        self.data_format = check_choice(
+            "data_format", data_format, ("channels_last", "channels_first")
+        )
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"seed must be an int or None, got {seed!r}")
         self.seed = seed

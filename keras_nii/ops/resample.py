@@ -195,7 +195,10 @@ def resize_matrix(in_shape: Sequence[Any], out_shape: Sequence[Any], batch: Any)
     convention of ``tf.image.resize`` and ``jax.image.resize``.
     """
     ratios = ops.stack(
-        [ops.cast(i, "float32") / ops.cast(o, "float32") for i, o in zip(in_shape, out_shape, strict=True)]
+        [
+            ops.cast(i, "float32") / ops.cast(o, "float32")
+            for i, o in zip(in_shape, out_shape, strict=True)
+        ]
     )
     linear = ratios[:, None] * ops.eye(3, dtype="float32")
     offset = 0.5 * ratios - 0.5

@@ -1,0 +1,358 @@
+"""Predictions on raw NIfTI scans, written back in the scan's own space.
+
+:func:`predict_nifti` reads a scan with the same reader as training
+(:func:`keras_nii.load_nifti`, RAS+ by default), runs a model over the whole
+volume, in sliding windows with blended overlaps when the volume is larger
+than the model's input or ``patch_size`` is given, and writes the result with
+``save_nifti(..., like=scan)``: same shape, affine and voxel order as the
+input file, whatever its orientation.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from keras_nii.io import NIFTI_SUFFIXES, NiftiError, Volume, load_nifti, save_nifti
+
+__all__ = ["predict_nifti", "predict_volume", "load_model", "sliding_window_positions"]
+
+Output = Literal["labels", "probabilities"]
+
+
+def load_model(path: str | os.PathLike) -> Callable[[np.ndarray], np.ndarray]:
+    """A prediction function from a ``.keras`` file or an exported SavedModel folder.
+
+    SavedModels (``model.export(...)``) are loaded with ``tf.saved_model.load``
+    and called through their ``serve`` endpoint; ``.keras`` files with
+    ``keras.saving.load_model`` (keras-nii's layers are registered on import).
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ValueError(f"model {path}: no such file or folder")
+    if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, "saved_model.pb")):
+            raise ValueError(f"model {path}: a folder without saved_model.pb is not a SavedModel")
+        import tensorflow as tf
+
+        loaded = tf.saved_model.load(path)
+        serve = getattr(loaded, "serve", None) or loaded.signatures["serving_default"]
+
+        def run(batch: np.ndarray) -> np.ndarray:
+            out = serve(tf.constant(batch))
+            if isinstance(out, dict):
+                out = next(iter(out.values()))
+            return np.asarray(out)
+
+        run.input_shape = _saved_model_input_shape(serve)
+        return run
+    if not path.endswith(".keras"):
+        raise ValueError(f"model {path}: expected a .keras file or an exported SavedModel folder")
+    import keras
+
+    import keras_nii.layers  # noqa: F401  (registers the layers for deserialization)
+
+    try:
+        return keras.saving.load_model(path)
+    except Exception as err:  # keras reports a damaged file in many ways
+        raise ValueError(f"model {path}: cannot be loaded ({type(err).__name__}: {err})") from err
+
+
+def _saved_model_input_shape(serve: Any) -> tuple | None:
+    try:
+        spec = serve.structured_input_signature[0][0]
+        return tuple(spec.shape.as_list())
+    except Exception:  # not every concrete function exposes its signature the same way
+        return None
+
+
+def _model_input_shape(model: Any) -> tuple | None:
+    shape = getattr(model, "input_shape", None)
+    if isinstance(shape, list):  # multi-input models are not supported here
+        shape = shape[0] if len(shape) == 1 else None
+    return tuple(shape) if shape is not None else None
+
+
+def _predict_fn(model: Any) -> Callable[[np.ndarray], np.ndarray]:
+    if hasattr(model, "predict_on_batch"):
+
+        def run(batch: np.ndarray) -> np.ndarray:
+            out = model.predict_on_batch(batch)
+            if isinstance(out, dict):
+                out = next(iter(out.values()))
+            return np.asarray(out)
+
+        return run
+    if callable(model):
+        return lambda batch: np.asarray(model(batch))
+    raise ValueError(f"model must be a keras model or a callable, got {type(model).__name__}")
+
+
+def sliding_window_positions(size: int, patch: int, overlap: float) -> list[int]:
+    """Start indices of windows of ``patch`` covering ``size`` (the last one flush with the end)."""
+    if patch >= size:
+        return [0]
+    step = max(1, int(round(patch * (1.0 - overlap))))
+    starts = list(range(0, size - patch + 1, step))
+    if starts[-1] != size - patch:
+        starts.append(size - patch)
+    return starts
+
+
+def _gaussian_weights(patch: Sequence[int], sigma_scale: float = 0.125) -> np.ndarray:
+    """Importance weights that favour window centres (as nnU-Net and MONAI blend)."""
+    weights = np.ones(patch, dtype=np.float32)
+    for axis, size in enumerate(patch):
+        centre = (size - 1) / 2.0
+        sigma = max(size * sigma_scale, 1e-3)
+        profile = np.exp(-0.5 * ((np.arange(size) - centre) / sigma) ** 2).astype(np.float32)
+        shape = [1, 1, 1]
+        shape[axis] = size
+        weights = weights * profile.reshape(shape)
+    # never exactly zero, so every voxel covered by a window gets a value
+    return np.maximum(weights / weights.max(), 1e-3)[..., None]
+
+
+def _trim_faces(
+    weights: np.ndarray,
+    start: Sequence[int],
+    patch: Sequence[int],
+    full: Sequence[int],
+    margin: int,
+) -> np.ndarray:
+    """Zero the weights within ``margin`` of the window faces inside the volume."""
+    weights = weights.copy()
+    for axis in range(3):
+        index = [slice(None)] * 4
+        if start[axis] > 0:
+            index[axis] = slice(0, margin)
+            weights[tuple(index)] = 0.0
+        if start[axis] + patch[axis] < full[axis]:
+            index[axis] = slice(patch[axis] - margin, patch[axis])
+            weights[tuple(index)] = 0.0
+    return weights
+
+
+def predict_volume(
+    model: Any,
+    array: np.ndarray,
+    *,
+    patch_size: Sequence[int] | None = None,
+    overlap: float = 0.5,
+    batch_size: int = 2,
+    blend: Literal["gaussian", "constant"] = "gaussian",
+    margin: int = 0,
+) -> np.ndarray:
+    """Run a model over one ``(x, y, z, c)`` volume, in sliding windows if needed.
+
+    Args:
+        model: a Keras model, a function returned by :func:`load_model`, or any
+            callable mapping a ``(b, x, y, z, c)`` batch to ``(b, x, y, z, k)``.
+        array: the volume, channels last.
+        patch_size: window size ``(x, y, z)``. Default: the model's fixed input
+            size when it has one, else the whole volume in one pass.
+        overlap: fraction of a window shared with its neighbour, in ``[0, 1)``.
+        batch_size: windows per model call.
+        blend: how overlapping windows are averaged: ``"gaussian"`` weights
+            favour window centres; ``"constant"`` is a plain mean.
+        margin: voxels at each window face that are discarded, except where the
+            face lies on the volume's border. A convolutional network sees zero
+            padding there instead of the true neighbourhood; with ``margin`` at
+            least its receptive-field radius, the sliding-window result equals
+            the whole-volume result. The overlap must leave ``2 * margin``
+            voxels shared between neighbouring windows.
+
+    Returns:
+        ``(x, y, z, k)`` float32 predictions for every voxel.
+    """
+    array = np.asarray(array, dtype=np.float32)
+    if array.ndim != 4:
+        raise ValueError(f"array must be (x, y, z, c), got shape {array.shape}")
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    if blend not in ("gaussian", "constant"):
+        raise ValueError(f"blend must be 'gaussian' or 'constant', got {blend!r}")
+    run = _predict_fn(model)
+    input_shape = _model_input_shape(model)
+    if input_shape is not None and len(input_shape) == 5:
+        channels = input_shape[-1]
+        if channels is not None and channels != array.shape[-1]:
+            raise ValueError(
+                f"the model takes {channels} channel(s); the volume has {array.shape[-1]}"
+            )
+        if patch_size is None and all(s is not None for s in input_shape[1:4]):
+            patch_size = tuple(int(s) for s in input_shape[1:4])
+    if isinstance(margin, bool) or not isinstance(margin, int) or margin < 0:
+        raise ValueError(f"margin must be a non-negative int, got {margin!r}")
+    spatial = array.shape[:3]
+    if patch_size is None:
+        patch_size = spatial
+    patch = tuple(int(p) for p in patch_size)
+    if len(patch) != 3 or min(patch) < 1:
+        raise ValueError(f"patch_size must be three positive ints, got {patch_size!r}")
+
+    # pad a volume smaller than the window, predict, crop back
+    pad = [(0, max(0, p - s)) for p, s in zip(patch, spatial, strict=True)]
+    padded = np.pad(array, [*pad, (0, 0)]) if any(after for _, after in pad) else array
+    full = padded.shape[:3]
+    starts = list(
+        itertools.product(
+            *[sliding_window_positions(n, p, overlap) for n, p in zip(full, patch, strict=True)]
+        )
+    )
+    weights = (
+        _gaussian_weights(patch)
+        if blend == "gaussian" and len(starts) > 1
+        else np.ones((*patch, 1), np.float32)
+    )
+    for axis, (n, p) in enumerate(zip(full, patch, strict=True)):
+        positions = sliding_window_positions(n, p, overlap)
+        shared = min((a + p - b for a, b in zip(positions, positions[1:], strict=False)), default=p)
+        if margin and shared < 2 * margin:
+            raise ValueError(
+                f"overlap {overlap} leaves {shared} voxel(s) shared along axis {axis}; "
+                f"margin={margin} needs at least {2 * margin}"
+            )
+    total = None
+    norm = np.zeros((*full, 1), np.float32)
+    for first in range(0, len(starts), batch_size):
+        chunk = starts[first : first + batch_size]
+        batch = np.stack(
+            [padded[i : i + patch[0], j : j + patch[1], k : k + patch[2]] for i, j, k in chunk]
+        )
+        out = np.asarray(run(batch), dtype=np.float32)
+        if out.ndim == 4:
+            out = out[..., None]
+        if out.shape[:4] != (len(chunk), *patch):
+            raise ValueError(
+                f"the model returned shape {out.shape} for windows of shape {batch.shape}: "
+                "predict_nifti needs a model whose output has its input's spatial size"
+            )
+        if total is None:
+            total = np.zeros((*full, out.shape[-1]), np.float32)
+        for (i, j, k), pred in zip(chunk, out, strict=True):
+            window = (slice(i, i + patch[0]), slice(j, j + patch[1]), slice(k, k + patch[2]))
+            w = _trim_faces(weights, (i, j, k), patch, full, margin) if margin else weights
+            total[window] += pred * w
+            norm[window] += w
+    result = total / norm
+    return result[: spatial[0], : spatial[1], : spatial[2]]
+
+
+def _to_labels(prediction: np.ndarray, threshold: float) -> np.ndarray:
+    if prediction.shape[-1] == 1:
+        labels = prediction[..., 0] > threshold
+    else:
+        labels = np.argmax(prediction, axis=-1)
+    labels = labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.int32)
+    return labels
+
+
+def _check_output_path(out_path: str, inputs: Sequence[str]) -> None:
+    if not out_path.lower().endswith(NIFTI_SUFFIXES):
+        raise ValueError(f"out_path must end with one of {NIFTI_SUFFIXES}, got {out_path!r}")
+    folder = os.path.dirname(os.path.abspath(out_path))
+    if not os.path.isdir(folder):
+        raise NiftiError(f"{out_path}: cannot write: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise NiftiError(f"{out_path}: cannot write: folder {folder} is not writable")
+    for source in inputs:
+        if os.path.abspath(out_path) == os.path.abspath(source) or (
+            os.path.exists(out_path) and os.path.samefile(out_path, source)
+        ):
+            raise ValueError(f"refusing to write {out_path}: it is an input scan")
+
+
+def _load_inputs(paths: Sequence[str], canonical: bool) -> tuple[Volume, np.ndarray]:
+    volumes = [load_nifti(p, canonical=canonical) for p in paths]
+    first = volumes[0]
+    for other in volumes[1:]:
+        if other.shape[:3] != first.shape[:3] or not np.allclose(
+            other.affine, first.affine, atol=1e-4
+        ):
+            raise ValueError(
+                f"modalities {first.path} and {other.path} do not share a grid "
+                f"(shapes {first.shape[:3]} and {other.shape[:3]})"
+            )
+    array = np.concatenate([v.array for v in volumes], axis=-1) if len(volumes) > 1 else first.array
+    return first, array
+
+
+def predict_nifti(
+    model: Any,
+    in_path: str | os.PathLike | Sequence[str | os.PathLike],
+    out_path: str | os.PathLike,
+    *,
+    patch_size: Sequence[int] | None = None,
+    overlap: float = 0.5,
+    batch_size: int = 2,
+    output: Output = "labels",
+    threshold: float = 0.5,
+    blend: Literal["gaussian", "constant"] = "gaussian",
+    margin: int = 0,
+    canonical: bool = True,
+) -> Path:
+    """Predict on a NIfTI scan and write the result in the scan's own space.
+
+    Args:
+        model: a Keras model, or the path of a ``.keras`` file or of an
+            exported SavedModel folder (see :func:`load_model`).
+        in_path: the scan, or a list of scans of one subject (modalities, in
+            the channel order the model was trained with).
+        out_path: the NIfTI file to write (``.nii`` or ``.nii.gz``). Writing
+            over an input scan is refused.
+        patch_size: sliding-window size; default the model's fixed input size,
+            or the whole volume for a fully convolutional model.
+        overlap: fraction of overlap between neighbouring windows.
+        batch_size: windows per model call.
+        output: ``"labels"`` writes integer labels: the argmax over channels
+            for a multi-channel output, ``prediction > threshold`` for a
+            single channel (sigmoid probabilities; pass ``threshold=0`` for
+            logits). ``"probabilities"`` writes the float32 model output (a 4D
+            file when it has several channels).
+        threshold: see ``output``.
+        blend: ``"gaussian"`` or ``"constant"`` weighting of overlapping windows.
+        margin: voxels discarded at inner window faces (see :func:`predict_volume`).
+        canonical: read the scan as the model was trained (RAS+ by default,
+            as ``NiftiDataset``).
+
+    Returns:
+        The path written.
+
+    Example:
+
+    ```python
+    keras_nii.predict_nifti("model.keras", "sub-01_T1w.nii.gz", "sub-01_pred.nii.gz",
+                            patch_size=(96, 96, 96), overlap=0.5)
+    ```
+    """
+    paths = [
+        os.fspath(p) for p in ([in_path] if isinstance(in_path, (str, os.PathLike)) else in_path)
+    ]
+    if not paths:
+        raise ValueError("in_path must name at least one scan")
+    out_path = os.fspath(out_path)
+    if output not in ("labels", "probabilities"):
+        raise ValueError(f"output must be 'labels' or 'probabilities', got {output!r}")
+    _check_output_path(out_path, paths)
+    if isinstance(model, (str, os.PathLike)):
+        model = load_model(model)
+    volume, array = _load_inputs(paths, canonical)
+    prediction = predict_volume(
+        model,
+        array,
+        patch_size=patch_size,
+        overlap=overlap,
+        batch_size=batch_size,
+        blend=blend,
+        margin=margin,
+    )
+    result = _to_labels(prediction, threshold) if output == "labels" else prediction
+    return save_nifti(result, out_path, like=volume)

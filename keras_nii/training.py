@@ -1,0 +1,136 @@
+"""On-device paired augmentation during ``fit``.
+
+Spatial augmentation at the front of a model cannot see the labels, yet a
+segmentation mask has to be warped with its image. :class:`AugmentedModel`
+wraps a model and an augmentation (a keras-nii layer or a
+``keras.layers.Pipeline`` / ``keras.Sequential`` of them): its training step
+runs the augmentation on ``{"images": x, "segmentation_masks": y}`` inside the
+compiled step, on the device, then trains the wrapped model on the result.
+Everything else (``predict``, ``evaluate``, ``save``, ``export``) is the wrapped
+model's, untouched by augmentation.
+
+Backends: the TensorFlow and PyTorch training steps augment and then call the
+standard Keras step; the JAX step runs the augmentation statelessly (its seed
+state is part of the step's non-trainable state), so it works under ``jax.jit``
+and keeps its random stream advancing. ``jit_compile=True`` and
+``tf.distribute`` strategies work under TensorFlow (each replica augments its
+own shard).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+
+from keras_nii.layers.base import IMAGES, MASKS
+
+__all__ = ["AugmentedModel"]
+
+
+@keras.saving.register_keras_serializable(package="keras_nii")
+class AugmentedModel(keras.Model):
+    """A model whose training step augments image and mask together.
+
+    Args:
+        model: the ``keras.Model`` to train. Inference, evaluation, saving and
+            export use it alone.
+        augmentation: a layer (or ``keras.layers.Pipeline`` /
+            ``keras.Sequential`` of layers) that takes
+            ``{"images": x, "segmentation_masks": y}`` and returns the same
+            dict, applying one random draw per sample to both (the keras-nii
+            layers do). When the targets ``y`` are not volumes of the same
+            rank as ``x`` (classification, regression) only the images are
+            augmented.
+
+    Example:
+
+    ```python
+    import keras
+    import keras_nii
+    from keras_nii import layers
+
+    net = keras.Sequential([...])           # a 3D segmentation network
+    augment = keras.layers.Pipeline([
+        layers.RandomFlip3D(seed=1),
+        layers.RandomAffine3D(degrees=15, scales=0.1, seed=2),
+        layers.RandomGaussianNoise(std=(0, 0.05), seed=3),
+    ])
+    model = keras_nii.AugmentedModel(net, augment)
+    model.compile("adam", "binary_crossentropy", jit_compile=True)
+    model.fit(keras_nii.NiftiDataset(images, labels, shape=(64, 64, 64)))
+    net.export("exported")                  # no augmentation in the export
+    ```
+    """
+
+    def __init__(self, model: keras.Model, augmentation: keras.layers.Layer, **kwargs: Any):
+        super().__init__(**kwargs)
+        if not isinstance(model, keras.layers.Layer):
+            raise ValueError(f"model must be a keras.Model, got {type(model).__name__}")
+        if not isinstance(augmentation, keras.layers.Layer):
+            raise ValueError(
+                f"augmentation must be a keras layer or Pipeline, got {type(augmentation).__name__}"
+            )
+        self.model = model
+        self.augmentation = augmentation
+
+    def call(self, inputs: Any, training: bool | None = None) -> Any:
+        return self.model(inputs, training=training)
+
+    def build(self, input_shape: Any) -> None:
+        if not self.model.built:
+            self.model.build(input_shape)
+        self.built = True
+
+    def augment(self, x: Any, y: Any = None) -> tuple[Any, Any]:
+        """Apply the augmentation to a batch, as the training step does."""
+        if y is not None and len(getattr(y, "shape", ())) == len(x.shape):
+            out = self.augmentation({IMAGES: x, MASKS: y}, training=True)
+            return out[IMAGES], out[MASKS]
+        return self.augmentation(x, training=True), y
+
+    if keras.backend.backend() == "jax":
+
+        def train_step(self, state: Any, data: Any) -> Any:
+            trainable, non_trainable, optimizer_vars, metrics_vars = state
+            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+            mapping = list(zip(self.non_trainable_variables, non_trainable, strict=True))
+            with keras.StatelessScope(state_mapping=mapping) as scope:
+                x, y = self.augment(x, y)
+            non_trainable = [
+                scope.get_current_value(variable) for variable in self.non_trainable_variables
+            ]
+            state = (trainable, non_trainable, optimizer_vars, metrics_vars)
+            return super().train_step(state, (x, y, sample_weight))
+
+    else:
+
+        def train_step(self, data: Any) -> Any:
+            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+            x, y = self.augment(x, y)
+            return super().train_step((x, y, sample_weight))
+
+    # saving and export are the wrapped model's: augmentation is for training only
+
+    def save(self, filepath: Any, *args: Any, **kwargs: Any) -> Any:
+        """Save the wrapped model (without the augmentation)."""
+        return self.model.save(filepath, *args, **kwargs)
+
+    def export(self, filepath: Any, *args: Any, **kwargs: Any) -> Any:
+        """Export the wrapped model (without the augmentation)."""
+        return self.model.export(filepath, *args, **kwargs)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config["model"] = keras.saving.serialize_keras_object(self.model)
+        config["augmentation"] = keras.saving.serialize_keras_object(self.augmentation)
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict, custom_objects: Any = None) -> AugmentedModel:
+        config = dict(config)
+        model = keras.saving.deserialize_keras_object(config.pop("model"), custom_objects)
+        augmentation = keras.saving.deserialize_keras_object(
+            config.pop("augmentation"), custom_objects
+        )
+        return cls(model, augmentation, **config)
