@@ -1,7 +1,9 @@
 """keras-nii: train and ship Keras models on NIfTI medical volumes."""
 
+from keras_nii import layers  # registers the layers, so .keras files load after import
+from keras_nii.data import NiftiDataset
 from keras_nii.io import NiftiError, Volume, load_nifti, save_nifti
 
 __version__ = "0.1.0"
 
-__all__ = ["NiftiError", "Volume", "load_nifti", "save_nifti", "__version__"]
+__all__ = ["NiftiDataset", "NiftiError", "Volume", "load_nifti", "save_nifti", "__version__"]
