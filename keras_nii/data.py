@@ -1,0 +1,543 @@
+"""Feed NIfTI files to Keras: `NiftiDataset`, a `keras.utils.PyDataset`.
+
+A `NiftiDataset` turns lists of files (one or several modalities per subject,
+plus optional label maps or per-subject targets) into batches of
+channels-last arrays ``(batch, x, y, z, channels)``. Volumes are read with
+:func:`keras_nii.io.load_nifti` (RAS+ by default), optionally center
+cropped / zero padded to one shape, and optionally cached in memory or as
+``.npy`` files so that epochs after the first do not decode ``.nii.gz`` again.
+
+This module uses NumPy and ``keras.utils.PyDataset`` only; the model graph
+(augmentation, normalization) is the business of :mod:`keras_nii.layers`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import numbers
+import os
+import uuid
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from keras_nii.io import NiftiError, load_nifti
+
+__all__ = ["NiftiDataset", "center_crop_or_pad", "NIFTI_FILE_SUFFIXES"]
+
+#: Suffixes that :meth:`NiftiDataset.from_folder` lists (case-insensitive).
+NIFTI_FILE_SUFFIXES = (".nii.gz", ".nii")
+
+# affines of modalities, and of an image and its mask, must agree this closely (mm)
+_AFFINE_ATOL = 1e-4
+_CACHE_VERSION = "keras-nii-cache-1"
+
+PathLike = str | os.PathLike
+
+
+def center_crop_or_pad(array: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Center crop and/or zero pad the first three axes of an array to ``shape``.
+
+    Each axis is handled on its own: an axis longer than its target is cropped
+    to a centered window starting at ``(size - target) // 2``; a shorter one
+    is padded with zeros, ``(target - size) // 2`` before and the rest after.
+    With an odd difference the extra voxel is thus cropped from, or padded at,
+    the end. This is the same convention as the ``CenterCropOrPad3D`` layer,
+    so an image and its mask cropped by either stay aligned.
+
+    Args:
+        array: an array of at least 3 dimensions, ``(x, y, z, ...)``.
+        shape: the target ``(x, y, z)``.
+
+    Returns:
+        A new array of shape ``(*shape, *array.shape[3:])`` and ``array``'s dtype.
+
+    Example:
+
+    >>> center_crop_or_pad(np.ones((5, 4, 3)), (3, 4, 6)).shape
+    (3, 4, 6)
+    """
+    array = np.asarray(array)
+    target = tuple(int(s) for s in shape)
+    if len(target) != 3 or any(s < 1 for s in target):
+        raise ValueError(f"shape must be 3 positive integers (x, y, z), got {shape!r}")
+    if array.ndim < 3:
+        raise ValueError(f"array must have at least 3 dimensions, got shape {array.shape}")
+    crop = []
+    pad = []
+    for size, want in zip(array.shape[:3], target, strict=True):
+        if size >= want:
+            start = (size - want) // 2
+            crop.append(slice(start, start + want))
+            pad.append((0, 0))
+        else:
+            before = (want - size) // 2
+            crop.append(slice(None))
+            pad.append((before, want - size - before))
+    out = array[tuple(crop)]
+    if any(p != (0, 0) for p in pad):
+        out = np.pad(out, pad + [(0, 0)] * (array.ndim - 3), mode="constant")
+    return np.array(out, copy=True) if out.base is not None else out
+
+
+def _is_pathlike(value: Any) -> bool:
+    return isinstance(value, (str, os.PathLike))
+
+
+def _check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _normalize_images(images: Any) -> list[tuple[str, ...]]:
+    if _is_pathlike(images) or not isinstance(images, Sequence):
+        raise ValueError(
+            "images must be a list of paths or a list of lists of paths (one list of "
+            f"modalities per subject), got {type(images).__name__}: {images!r}"
+        )
+    if len(images) == 0:
+        raise ValueError("images must not be empty")
+    subjects = []
+    for i, entry in enumerate(images):
+        if _is_pathlike(entry):
+            subjects.append((os.fspath(entry),))
+        elif isinstance(entry, Sequence) and entry and all(_is_pathlike(p) for p in entry):
+            subjects.append(tuple(os.fspath(p) for p in entry))
+        else:
+            raise ValueError(
+                f"images[{i}] must be a path or a non-empty list of paths, got {entry!r}"
+            )
+    counts = {len(s) for s in subjects}
+    if len(counts) > 1:
+        first = len(subjects[0])
+        bad = next(i for i, s in enumerate(subjects) if len(s) != first)
+        raise ValueError(
+            f"every subject must have the same number of modalities: images[0] has {first}, "
+            f"images[{bad}] has {len(subjects[bad])} ({list(subjects[bad])})"
+        )
+    return subjects
+
+
+def _normalize_labels(labels: Any, n: int) -> tuple[str, Any]:
+    """Return (kind, labels): kind is "none", "masks" (list of paths) or "targets" (array)."""
+    if labels is None:
+        return "none", None
+    if _is_pathlike(labels) or not isinstance(labels, (Sequence, np.ndarray)):
+        raise ValueError(
+            "labels must be None, a list of label-map paths or a list of numbers / vectors, "
+            f"got {type(labels).__name__}: {labels!r}"
+        )
+    if len(labels) != n:
+        raise ValueError(
+            f"labels must have one entry per subject: len(labels) is {len(labels)}, "
+            f"len(images) is {n}"
+        )
+    if isinstance(labels, np.ndarray) and labels.dtype.kind in "US":
+        labels = labels.tolist()
+    if isinstance(labels, Sequence) and any(_is_pathlike(v) for v in labels):
+        if not all(_is_pathlike(v) for v in labels):
+            raise ValueError("labels mixes paths and non-paths; give all paths or all numbers")
+        return "masks", [os.fspath(v) for v in labels]
+    try:
+        targets = np.asarray(labels)
+    except ValueError as err:  # ragged vectors
+        raise ValueError(f"labels: vectors must all have the same length ({err})") from err
+    if targets.dtype.kind in "biu":
+        targets = targets.astype(np.int32)
+    elif targets.dtype.kind == "f":
+        targets = targets.astype(np.float32)
+    else:
+        raise ValueError(f"labels must be paths or numbers, got an array of dtype {targets.dtype}")
+    return "targets", targets
+
+
+def _normalize_cache(cache: Any) -> str | None:
+    """Return None, "memory", or an absolute directory path (created if missing)."""
+    if cache is None or cache == "memory":
+        return cache
+    if isinstance(cache, (str, os.PathLike)) and os.fspath(cache):
+        directory = os.path.abspath(os.fspath(cache))
+        if os.path.exists(directory) and not os.path.isdir(directory):
+            raise ValueError(f"cache must be 'memory' or a directory, and {directory} is a file")
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"cache directory {directory} cannot be created: {err}") from err
+        return directory
+    raise ValueError(f"cache must be None, 'memory' or a directory path, got {cache!r}")
+
+
+def _file_key(path: str, canonical: bool, dtype: str) -> tuple[str, str]:
+    """(readable stem, hash) naming a decoded volume; changes when the file does."""
+    absolute = os.path.abspath(path)
+    try:
+        stat = os.stat(absolute)
+    except OSError:
+        # let load_nifti report the missing file with its usual message
+        load_nifti(absolute)
+        raise
+    token = repr((_CACHE_VERSION, absolute, stat.st_size, stat.st_mtime_ns, canonical, dtype))
+    digest = hashlib.sha256(token.encode()).hexdigest()[:32]
+    name = os.path.basename(absolute)
+    for suffix in NIFTI_FILE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:48]
+    return stem, digest
+
+
+def _atomic_write(final: str, write) -> None:
+    tmp = f"{final}.{uuid.uuid4().hex}.tmp"
+    try:
+        with open(tmp, "xb") as f:
+            write(f)
+        os.replace(tmp, final)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class NiftiDataset(keras.utils.PyDataset):
+    """Batches of NIfTI volumes for ``model.fit``, ``evaluate`` and ``predict``.
+
+    Each subject is one image file or several (modalities, stacked as channels
+    in the given order), read with :func:`keras_nii.io.load_nifti` as float32
+    ``(x, y, z, c)`` arrays, in RAS+ voxel order unless ``canonical=False``.
+    The modalities of a subject, and a subject's label map, must have the same
+    spatial shape and affine; anything else is an error naming the files.
+
+    Labels can be:
+
+    - ``None``: batches are just ``x`` (for ``predict``).
+    - a list of label-map paths (segmentation): ``y`` is an int32 batch
+      ``(b, x, y, z, 1)``, read with ``load_nifti(..., dtype="int32")`` (so a
+      label stored as 0.9999 is 1), cropped/padded exactly like its image.
+    - a list of numbers or of equal-length vectors (classification,
+      regression): ``y`` is ``(b,)`` or ``(b, k)``, int32 when every label is
+      an integer (or bool), float32 otherwise.
+
+    With ``shuffle=True`` the subjects are put in a new random order at the
+    start (epoch 0) and after every epoch (``on_epoch_end``), drawn from
+    ``np.random.default_rng(seed)``: the same seed gives the same sequence of
+    orders. Without it, batches follow the given order (the last batch may be
+    smaller), so ``predict`` outputs line up with ``images``.
+
+    Caching keeps decoded volumes (after reorientation, before cropping):
+
+    - ``cache="memory"``: in a dict, in this process. With
+      ``use_multiprocessing=True`` each worker process has its own short-lived
+      copy, so prefer a directory cache there.
+    - ``cache=<directory>``: as uncompressed ``.npy`` files plus a small
+      ``.json`` (the affine), written atomically, shared by worker processes
+      and by later runs. Entries are keyed by the file's absolute path, size,
+      modification time, ``canonical`` and dtype, so a changed file is read
+      (and its geometry checked) again. Stale entries are not deleted.
+
+    Args:
+        images: a list of paths (one image per subject), or a list of lists
+            of paths (the modalities of each subject, become channels).
+        labels: ``None``, a list of label-map paths, or a list of numbers /
+            vectors, one per subject.
+        batch_size: subjects per batch.
+        shape: ``(x, y, z)``: center crop and/or zero pad every volume to
+            this spatial shape (see :func:`center_crop_or_pad`). Without it,
+            the volumes in one batch must have the same shape.
+        shuffle: reshuffle the subjects every epoch.
+        seed: seed of the shuffling.
+        cache: ``None``, ``"memory"`` or a directory (``str`` or
+            ``os.PathLike``; created if missing).
+        canonical: reorient volumes to RAS+ (flips and transposes only).
+        workers: passed to ``keras.utils.PyDataset``: the number of threads
+            or processes that build batches during ``fit``.
+        use_multiprocessing: passed to ``keras.utils.PyDataset``: processes
+            instead of threads. The dataset is picklable.
+        max_queue_size: passed to ``keras.utils.PyDataset``.
+
+    Example:
+
+    ```python
+    ds = NiftiDataset(
+        [["sub-01_T1w.nii.gz", "sub-01_FLAIR.nii.gz"], ...],
+        ["sub-01_mask.nii.gz", ...],
+        batch_size=2, shape=(128, 128, 128), shuffle=True, seed=0,
+        cache="/tmp/nii-cache", workers=4,
+    )
+    x, y = ds[0]          # (2, 128, 128, 128, 2) float32, (2, 128, 128, 128, 1) int32
+    model.fit(ds, epochs=10)
+    ```
+    """
+
+    def __init__(
+        self,
+        images: Sequence[PathLike] | Sequence[Sequence[PathLike]],
+        labels: Sequence[PathLike] | Sequence[Any] | np.ndarray | None = None,
+        *,
+        batch_size: int = 1,
+        shape: Sequence[int] | None = None,
+        shuffle: bool = False,
+        seed: int | None = None,
+        cache: str | os.PathLike | None = None,
+        canonical: bool = True,
+        workers: int = 1,
+        use_multiprocessing: bool = False,
+        max_queue_size: int = 10,
+    ) -> None:
+        super().__init__(
+            workers=workers, use_multiprocessing=use_multiprocessing, max_queue_size=max_queue_size
+        )
+        self.images = _normalize_images(images)
+        self.label_kind, self.labels = _normalize_labels(labels, len(self.images))
+        self.batch_size = _check_positive_int("batch_size", batch_size)
+        if shape is not None:
+            if _is_pathlike(shape) or not isinstance(shape, (Sequence, np.ndarray)):
+                raise ValueError(f"shape must be None or (x, y, z), got {shape!r}")
+            if len(shape) != 3:
+                raise ValueError(f"shape must be None or (x, y, z), got {shape!r}")
+            shape = tuple(_check_positive_int("shape", s) for s in shape)
+        self.shape = shape
+        self.shuffle = bool(shuffle)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+            raise ValueError(f"seed must be None or an integer, got {seed!r}")
+        self.seed = seed
+        missing = [
+            path
+            for files in self.images
+            + [(m,) for m in (self.labels if self.label_kind == "masks" else [])]
+            for path in files
+            if not os.path.isfile(path)
+        ]
+        if missing:
+            raise NiftiError(
+                f"{len(missing)} file(s) not found: {', '.join(missing[:5])}"
+                + (" ..." if len(missing) > 5 else "")
+            )
+        self.cache = _normalize_cache(cache)
+        self.canonical = bool(canonical)
+        self._memory: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+        self._rng = np.random.default_rng(seed)
+        n = len(self.images)
+        self._order = self._rng.permutation(n) if self.shuffle else np.arange(n)
+
+    # ------------------------------------------------------------------ PyDataset
+
+    def __len__(self) -> int:
+        """Number of batches: ``ceil(len(images) / batch_size)``."""
+        return math.ceil(len(self.images) / self.batch_size)
+
+    def __getitem__(self, index: int):
+        """Batch ``index``: ``x``, or ``(x, y)`` when there are labels."""
+        n_batches = len(self)
+        if not isinstance(index, numbers.Integral) or isinstance(index, bool):
+            raise TypeError(f"batch index must be an integer, got {index!r}")
+        if index < 0:
+            index += n_batches
+        if not 0 <= index < n_batches:
+            raise IndexError(f"batch index {index} out of range for {n_batches} batches")
+        subjects = self._order[index * self.batch_size : (index + 1) * self.batch_size]
+        xs, ys = [], []
+        for subject in subjects:
+            x, y = self._sample(int(subject))
+            xs.append(x)
+            ys.append(y)
+        x = self._stack(xs, subjects, [self.images[int(s)][0] for s in subjects])
+        if self.label_kind == "none":
+            return x
+        if self.label_kind == "masks":
+            y = self._stack(ys, subjects, [self.labels[int(s)] for s in subjects])
+        else:
+            y = self.labels[subjects]
+        return x, y
+
+    def on_epoch_end(self) -> None:
+        """Draw a new subject order (with ``shuffle=True``)."""
+        if self.shuffle:
+            self._order = self._rng.permutation(len(self.images))
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def order(self) -> np.ndarray:
+        """The subject indices of this epoch, in batch order (a copy)."""
+        return self._order.copy()
+
+    @classmethod
+    def from_folder(
+        cls,
+        images_dir: PathLike,
+        labels_dir: PathLike | None = None,
+        **kwargs: Any,
+    ) -> NiftiDataset:
+        """A dataset of the NIfTI files in a folder, paired by name with label maps.
+
+        Lists the ``.nii`` and ``.nii.gz`` files of ``images_dir`` (not its
+        subfolders; hidden files are ignored), sorted by name. With
+        ``labels_dir``, each image is paired with the label map of the same
+        name stem (``sub-01.nii.gz`` with ``sub-01.nii.gz`` or ``sub-01.nii``);
+        an image without a label map, or a label map without an image, is an
+        error.
+
+        Args:
+            images_dir: folder of images.
+            labels_dir: folder of label maps, or ``None``.
+            **kwargs: the other arguments of :class:`NiftiDataset`.
+
+        Returns:
+            A :class:`NiftiDataset`.
+
+        Example:
+
+        ```python
+        ds = NiftiDataset.from_folder("data/images", "data/labels", batch_size=2)
+        ```
+        """
+        images = _list_nifti(images_dir, "images_dir")
+        if labels_dir is None:
+            return cls([str(p) for p in images.values()], **kwargs)
+        if "labels" in kwargs:
+            raise ValueError("pass either labels_dir or labels=, not both")
+        labels = _list_nifti(labels_dir, "labels_dir")
+        unpaired = [str(images[s]) for s in images if s not in labels]
+        if unpaired:
+            raise ValueError(
+                f"{len(unpaired)} image(s) without a label map of the same name in "
+                f"{labels_dir}: {', '.join(unpaired[:5])}" + (" ..." if len(unpaired) > 5 else "")
+            )
+        orphans = [str(labels[s]) for s in labels if s not in images]
+        if orphans:
+            raise ValueError(
+                f"{len(orphans)} label map(s) without an image of the same name in "
+                f"{images_dir}: {', '.join(orphans[:5])}" + (" ..." if len(orphans) > 5 else "")
+            )
+        stems = list(images)
+        return cls([str(images[s]) for s in stems], [str(labels[s]) for s in stems], **kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a memory cache is not worth copying to a worker process
+        state = self.__dict__.copy()
+        state["_memory"] = {}
+        return state
+
+    def _load(self, path: str, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+        """The decoded (reoriented, uncropped) array and affine of one file."""
+        if self.cache is None:
+            vol = load_nifti(path, canonical=self.canonical, dtype=dtype)
+            return vol.array, vol.affine
+        stem, digest = _file_key(path, self.canonical, dtype)
+        if self.cache == "memory":
+            hit = self._memory.get((path, digest))
+            if hit is None:
+                vol = load_nifti(path, canonical=self.canonical, dtype=dtype)
+                hit = (vol.array, vol.affine)
+                self._memory[(path, digest)] = hit
+            return hit
+        base = os.path.join(self.cache, f"{stem}-{digest}")
+        try:
+            with open(base + ".json", encoding="utf-8") as f:
+                meta = json.load(f)
+            array = np.load(base + ".npy", mmap_mode=None, allow_pickle=False)
+            affine = np.asarray(meta["affine"], dtype=np.float64).reshape(4, 4)
+            if array.dtype == np.dtype(dtype) and array.ndim == 4:
+                return array, affine
+        except (OSError, ValueError, KeyError, EOFError):
+            pass  # not cached yet, or a damaged entry: read the source again
+        vol = load_nifti(path, canonical=self.canonical, dtype=dtype)
+        meta = {
+            "source": os.path.abspath(path),
+            "canonical": self.canonical,
+            "dtype": dtype,
+            "shape": list(vol.array.shape),
+            "affine": vol.affine.tolist(),
+        }
+        try:
+            # the .json first: an entry counts as cached once its .npy exists
+            _atomic_write(base + ".json", lambda f: f.write(json.dumps(meta).encode()))
+            _atomic_write(base + ".npy", lambda f: np.save(f, vol.array, allow_pickle=False))
+        except OSError as err:
+            warnings.warn(
+                f"NiftiDataset: cannot write the cache entry of {path} in {self.cache}: {err}",
+                stacklevel=2,
+            )
+        return vol.array, vol.affine
+
+    def _sample(self, subject: int) -> tuple[np.ndarray, np.ndarray | None]:
+        files = self.images[subject]
+        arrays = []
+        ref_array, ref_affine = None, None
+        for path in files:
+            array, affine = self._load(path, "float32")
+            if ref_array is None:
+                ref_array, ref_affine = array, affine
+            else:
+                _check_same_grid(
+                    subject, files[0], ref_array, ref_affine, path, array, affine, "modality"
+                )
+            arrays.append(array)
+        x = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=-1)
+        y = None
+        if self.label_kind == "masks":
+            mask_path = self.labels[subject]
+            y, mask_affine = self._load(mask_path, "int32")
+            _check_same_grid(
+                subject, files[0], ref_array, ref_affine, mask_path, y, mask_affine, "label map"
+            )
+        if self.shape is not None:
+            x = center_crop_or_pad(x, self.shape)
+            if y is not None:
+                y = center_crop_or_pad(y, self.shape)
+        return x, y
+
+    def _stack(self, arrays: list[np.ndarray], subjects, paths: list[str]) -> np.ndarray:
+        first = arrays[0].shape
+        for array, path, subject in zip(arrays, paths, subjects, strict=True):
+            if array.shape != first:
+                raise ValueError(
+                    f"volumes of different shapes in one batch: {paths[0]} is {first[:3]} with "
+                    f"{first[3]} channel(s), {path} (subject {int(subject)}) is "
+                    f"{array.shape[:3]} with {array.shape[3]} channel(s); pass shape=(x, y, z) "
+                    "to crop/pad them to one shape, or use batch_size=1"
+                )
+        return np.stack(arrays)
+
+
+def _check_same_grid(subject, path_a, array_a, affine_a, path_b, array_b, affine_b, what):
+    if array_a.shape[:3] != array_b.shape[:3] or not np.allclose(
+        affine_a, affine_b, rtol=0, atol=_AFFINE_ATOL
+    ):
+        raise NiftiError(
+            f"subject {subject}: the {what} {path_b} is not on the same voxel grid as "
+            f"{path_a}: spatial shapes {array_b.shape[:3]} vs {array_a.shape[:3]}, affines\n"
+            f"{np.array2string(affine_b, precision=4)}\nvs\n"
+            f"{np.array2string(affine_a, precision=4)}"
+        )
+
+
+def _list_nifti(folder: PathLike, argument: str) -> dict[str, Path]:
+    """{stem: path} of the NIfTI files in a folder, sorted by file name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{argument}: {folder} is not a directory")
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir(), key=lambda p: p.name):
+        name = path.name
+        if name.startswith(".") or not path.is_file():
+            continue
+        suffix = next((s for s in NIFTI_FILE_SUFFIXES if name.lower().endswith(s)), None)
+        if suffix is None:
+            continue
+        stem = name[: -len(suffix)]
+        if stem in found:
+            raise ValueError(
+                f"{argument}: two files with the name stem {stem!r}: {found[stem]} and {path}"
+            )
+        found[stem] = path
+    if not found:
+        raise ValueError(f"{argument}: no .nii or .nii.gz files in {folder}")
+    return dict(sorted(found.items(), key=lambda item: item[1].name))
