@@ -2,7 +2,6 @@
 
 from keras_nii import layers  # registers the layers, so .keras files load after import
 from keras_nii.data import NiftiDataset
-from keras_nii.data import NiftiDataset
 from keras_nii.io import NiftiError, Volume, load_nifti, save_nifti
 
 __version__ = "0.1.0"
