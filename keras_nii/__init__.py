@@ -6,4 +6,4 @@ from keras_nii.io import NiftiError, Volume, load_nifti, save_nifti
 
 __version__ = "0.1.0"
 
-__all__ = ["NiftiDataset", "NiftiError", "Volume", "load_nifti", "save_nifti", "__version__"]
+__all__ = ["layers", "NiftiDataset", "NiftiError", "Volume", "load_nifti", "save_nifti", "__version__"]
