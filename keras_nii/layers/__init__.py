@@ -7,10 +7,22 @@ from keras_nii.layers.affine import (
     RandomZoom3D,
 )
 from keras_nii.layers.base import VolumeLayer
+from keras_nii.layers.crop import CenterCropOrPad3D, RandomCrop3D, Resize3D
 from keras_nii.layers.flip import RandomFlip3D, RandomRotation90_3D
+from keras_nii.layers.normalization import (
+    IntensityWindow,
+    MinMaxNormalization,
+    ZScoreNormalization,
+)
 
 __all__ = [
     "VolumeLayer",
+    "CenterCropOrPad3D",
+    "Resize3D",
+    "RandomCrop3D",
+    "ZScoreNormalization",
+    "MinMaxNormalization",
+    "IntensityWindow",
     "RandomFlip3D",
     "RandomRotation90_3D",
     "RandomAffine3D",

@@ -1,0 +1,395 @@
+"""Spatial size: center crop or pad, resize, and random (foreground-aware) patches.
+
+- :class:`CenterCropOrPad3D` and :class:`Resize3D` are deterministic: they
+  apply at training and inference time alike, to bring volumes of any size to
+  the size a network expects.
+- :class:`RandomCrop3D` draws one random patch per sample for patch-based
+  training, optionally centred on the segmentation's foreground.
+
+Images and their segmentation masks always get the same window; masks keep
+their dtype (nearest-neighbour sampling in :class:`Resize3D`, fill 0 when
+padding). All three work with dynamic (``None``) spatial sizes under
+TensorFlow graph tracing, and under XLA and JAX.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from keras import ops
+
+from keras_nii.layers.base import (
+    IMAGES,
+    MASKS,
+    VolumeLayer,
+    check_choice,
+    check_probability,
+    check_shape,
+    register,
+)
+from keras_nii.ops.resample import affine_coordinates, resample, resize_matrix
+
+__all__ = ["CenterCropOrPad3D", "Resize3D", "RandomCrop3D"]
+
+
+def _check_fill(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def _is_static(size: Any) -> bool:
+    return isinstance(size, int)
+
+
+def _center_window(size: Any, target: int) -> tuple[Any, Any, Any]:
+    """``(pad_before, pad_after, crop_start)`` along one axis.
+
+    The convention of ``keras_nii.data``: crop start ``(size - target) // 2``,
+    pad before ``(target - size) // 2`` and after the rest. ``size`` is an int
+    or, under graph tracing, a scalar tensor.
+    """
+    if _is_static(size):
+        pad = max(target - size, 0)
+        return pad // 2, pad - pad // 2, max(size - target, 0) // 2
+    size = ops.cast(size, "int32")
+    pad = ops.maximum(target - size, 0)
+    before = pad // 2
+    return before, pad - before, ops.maximum(size - target, 0) // 2
+
+
+def _pad_to_at_least(volumes: Any, shape: Sequence[int], fill: Any) -> Any:
+    """Pad ``(b, x, y, z, c)`` centrally so that each spatial axis is >= ``shape``."""
+    windows = [_center_window(s, t) for s, t in zip(ops.shape(volumes)[1:4], shape, strict=True)]
+    if all(_is_static(before) and before == 0 and after == 0 for before, after, _ in windows):
+        return volumes
+    paddings = [[0, 0]] + [[before, after] for before, after, _ in windows] + [[0, 0]]
+    return ops.pad(volumes, paddings, mode="constant", constant_values=fill)
+
+
+def _center_crop_or_pad(volumes: Any, shape: Sequence[int], fill: Any) -> Any:
+    """Center crop or pad ``(b, x, y, z, c)`` to the spatial ``shape``."""
+    sizes = ops.shape(volumes)[1:4]
+    if all(_is_static(s) and s == t for s, t in zip(sizes, shape, strict=True)):
+        return volumes
+    volumes = _pad_to_at_least(volumes, shape, fill)
+    starts = [_center_window(s, t)[2] for s, t in zip(sizes, shape, strict=True)]
+    return ops.slice(volumes, [0, *starts, 0], [-1, *shape, -1])
+
+
+def _as_vector(values: Sequence[Any], dtype: str) -> Any:
+    """A 1D tensor from ints and/or scalar tensors."""
+    return ops.stack([ops.cast(v, dtype) for v in values])
+
+
+# ----------------------------------------------------------------------------
+
+
+@register
+class CenterCropOrPad3D(VolumeLayer):
+    """Center crop or pad every volume to a fixed spatial shape.
+
+    Each spatial axis independently is cropped (when larger than the target)
+    or padded with a constant (when smaller), centred: the crop starts at
+    ``(size - target) // 2`` and the padding puts ``(target - size) // 2``
+    voxels before and the rest after (the convention of ``keras_nii.data``).
+    Deterministic: it applies at inference too. Segmentation masks get the
+    same window and are padded with 0.
+
+    Args:
+        shape: the target spatial shape ``(x, y, z)``.
+        fill_value: the value images are padded with.
+        data_format: ``"channels_last"`` (default) or ``"channels_first"``.
+        **kwargs: passed to ``keras.layers.Layer``.
+
+    Input shape:
+        ``(batch, x, y, z, channels)`` or ``(x, y, z, channels)`` (channels
+        last), or a dict with ``"images"`` and ``"segmentation_masks"``.
+        Spatial sizes may be dynamic (``None``).
+
+    Output shape:
+        ``(batch, *shape, channels)``; dtypes are kept.
+
+    Example:
+
+    ```python
+    layer = keras_nii.layers.CenterCropOrPad3D((96, 96, 64))
+    out = layer({"images": images, "segmentation_masks": labels})
+    ```
+    """
+
+    SPATIAL = True
+
+    def __init__(
+        self,
+        shape: Sequence[int],
+        fill_value: float = 0.0,
+        data_format: str | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(data_format=data_format, **kwargs)
+        self.shape = check_shape("shape", shape)
+        self.fill_value = _check_fill("fill_value", fill_value)
+
+    def transform_images(self, images: Any, transformation: Any) -> Any:
+        return _center_crop_or_pad(images, self.shape, self.fill_value)
+
+    def transform_segmentation_masks(self, masks: Any, transformation: Any) -> Any:
+        return _center_crop_or_pad(masks, self.shape, 0)
+
+    def compute_spatial_output_shape(self, spatial_shape: tuple) -> tuple:
+        return tuple(self.shape)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(shape=tuple(self.shape), fill_value=self.fill_value)
+        return config
+
+
+@register
+class Resize3D(VolumeLayer):
+    """Resample every volume to a fixed spatial shape.
+
+    Output voxel ``o`` samples the input at ``(o + 0.5) * size / target -
+    0.5`` along each axis (voxel corners aligned, the convention of
+    ``tf.image.resize`` and ``jax.image.resize``), with trilinear or
+    nearest-neighbour interpolation; points beyond the outermost voxel
+    centres repeat the edge voxels. No antialiasing when shrinking.
+    Deterministic: it applies at inference too. Segmentation masks are always
+    resampled with nearest neighbour and keep their dtype.
+
+    Args:
+        shape: the target spatial shape ``(x, y, z)``.
+        interpolation: ``"linear"`` (trilinear, default) or ``"nearest"``,
+            for the images.
+        data_format: ``"channels_last"`` (default) or ``"channels_first"``.
+        **kwargs: passed to ``keras.layers.Layer``.
+
+    Input shape:
+        ``(batch, x, y, z, channels)`` or ``(x, y, z, channels)`` (channels
+        last), or a dict with ``"images"`` and ``"segmentation_masks"``.
+        Spatial sizes may be dynamic (``None``).
+
+    Output shape:
+        ``(batch, *shape, channels)``; dtypes are kept.
+
+    Example:
+
+    ```python
+    layer = keras_nii.layers.Resize3D((64, 64, 64))
+    out = layer({"images": images, "segmentation_masks": labels})
+    ```
+    """
+
+    SPATIAL = True
+
+    def __init__(
+        self,
+        shape: Sequence[int],
+        interpolation: str = "linear",
+        data_format: str | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(data_format=data_format, **kwargs)
+        self.shape = check_shape("shape", shape)
+        self.interpolation = check_choice("interpolation", interpolation, ("linear", "nearest"))
+
+    def _resize(self, volumes: Any, interpolation: str) -> Any:
+        shape = ops.shape(volumes)
+        matrices = resize_matrix(shape[1:4], self.shape, shape[0])
+        coordinates = affine_coordinates(matrices, self.shape)
+        return resample(volumes, coordinates, interpolation=interpolation, fill_mode="nearest")
+
+    def transform_images(self, images: Any, transformation: Any) -> Any:
+        return self._resize(images, self.interpolation)
+
+    def transform_segmentation_masks(self, masks: Any, transformation: Any) -> Any:
+        return self._resize(masks, "nearest")
+
+    def compute_spatial_output_shape(self, spatial_shape: tuple) -> tuple:
+        return tuple(self.shape)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(shape=tuple(self.shape), interpolation=self.interpolation)
+        return config
+
+
+@register
+class RandomCrop3D(VolumeLayer):
+    """Random patches of a fixed shape, one window per sample, optionally on the foreground.
+
+    For patch-based training of 3D networks on volumes too large to fit
+    whole. Every sample of the batch gets its own window; its image and mask
+    get the same one. Windows are drawn uniformly among all the valid
+    positions, or, with probability ``foreground_probability`` per sample,
+    centred (as far as the borders allow) on a voxel drawn uniformly among the
+    mask's foreground voxels (``mask != 0`` in any channel), like MONAI's
+    ``RandCropByPosNegLabel``. The chosen voxel lands at index
+    ``shape[axis] // 2`` of the patch (the centre for odd sizes). Samples
+    whose mask is empty, and inputs without masks, fall back to uniform
+    windows.
+
+    An axis smaller than ``shape`` is first padded centrally with 0 (as by
+    :class:`CenterCropOrPad3D`), then cropped.
+
+    A random layer: with ``training=False`` it returns its input unchanged.
+    For inference on whole volumes use :class:`CenterCropOrPad3D` or sliding
+    windows (``keras_nii.inference``).
+
+    Args:
+        shape: the patch shape ``(x, y, z)``.
+        foreground_probability: probability, per sample, that the patch is
+            centred on a foreground voxel of the mask.
+        seed: the seed of the layer's random stream.
+        data_format: ``"channels_last"`` (default) or ``"channels_first"``.
+        **kwargs: passed to ``keras.layers.Layer``.
+
+    Input shape:
+        ``(batch, x, y, z, channels)`` or ``(x, y, z, channels)`` (channels
+        last), or a dict with ``"images"`` and ``"segmentation_masks"``.
+        Spatial sizes may be dynamic (``None``).
+
+    Output shape:
+        ``(batch, *shape, channels)`` in training; dtypes are kept.
+
+    Example:
+
+    ```python
+    crop = keras_nii.layers.RandomCrop3D((64, 64, 64), foreground_probability=0.5, seed=1)
+    patches = crop({"images": images, "segmentation_masks": labels})
+    ```
+    """
+
+    RANDOM = True
+    SPATIAL = True
+
+    def __init__(
+        self,
+        shape: Sequence[int],
+        foreground_probability: float = 0.0,
+        data_format: str | None = None,
+        seed: int | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(data_format=data_format, seed=seed, **kwargs)
+        self.shape = check_shape("shape", shape)
+        self.foreground_probability = check_probability(
+            "foreground_probability", foreground_probability
+        )
+
+    # -- the draw ---------------------------------------------------------------
+
+    def _room(self, spatial_shape: Sequence[Any]) -> list[Any]:
+        """The largest valid start along each axis (of the padded volume)."""
+        return [
+            max(s - t, 0) if _is_static(s) else ops.maximum(ops.cast(s, "int32") - t, 0)
+            for s, t in zip(spatial_shape, self.shape, strict=True)
+        ]
+
+    def get_random_transformation(self, batch_size: Any, spatial_shape: Sequence[Any]) -> Any:
+        """Uniform windows: ``{"starts": (batch, 3) int32}`` in the padded volume."""
+        room = _as_vector(self._room(spatial_shape), "int32")
+        draw = self.uniform((batch_size, 3)) * ops.cast(room + 1, "float32")[None, :]
+        starts = ops.minimum(ops.cast(ops.floor(draw), "int32"), room[None, :])
+        return {"starts": starts}
+
+    def _foreground_transformation(self, masks: Any) -> Any:
+        """Windows centred on random foreground voxels of ``masks`` (canonical).
+
+        One uniform number per sample picks the ``k``-th foreground voxel in
+        flat order (``k = floor(u * count)``), found as the number of positions
+        whose running foreground count is still <= ``k``: vectorized, no
+        random tensor the size of the volume, no tie-breaking in ``argmax``.
+        """
+        shape = ops.shape(masks)
+        batch, sizes = shape[0], shape[1:4]
+        transformation = self.get_random_transformation(batch, sizes)
+        room = _as_vector(self._room(sizes), "int32")
+
+        foreground = ops.any(ops.not_equal(masks, 0), axis=-1)
+        flat = ops.cast(ops.reshape(foreground, (batch, -1)), "int32")
+        count = ops.sum(flat, axis=1)
+        pick = ops.cast(ops.floor(self.uniform((batch,)) * ops.cast(count, "float32")), "int32")
+        pick = ops.minimum(pick, ops.maximum(count - 1, 0))
+        index = ops.sum(ops.cast(ops.cumsum(flat, axis=1) <= pick[:, None], "int32"), axis=1)
+
+        size_y, size_z = ops.cast(sizes[1], "int32"), ops.cast(sizes[2], "int32")
+        voxel = ops.stack(
+            [index // (size_y * size_z), (index // size_z) % size_y, index % size_z], 1
+        )
+        before = _as_vector(
+            [_center_window(s, t)[0] for s, t in zip(sizes, self.shape, strict=True)], "int32"
+        )
+        half = ops.convert_to_tensor([t // 2 for t in self.shape], dtype="int32")
+        centred = ops.minimum(
+            ops.maximum(voxel + before[None, :] - half[None, :], 0), room[None, :]
+        )
+
+        chosen = ops.logical_and(self.coin(batch, self.foreground_probability), count > 0)
+        starts = ops.where(chosen[:, None], centred, transformation["starts"])
+        return {"starts": starts}
+
+    # -- the crop ---------------------------------------------------------------
+
+    def _crop(self, volumes: Any, transformation: Any) -> Any:
+        """Pad to at least ``shape``, then gather each sample's window."""
+        volumes = _pad_to_at_least(volumes, self.shape, 0)
+        shape = ops.shape(volumes)
+        batch, sizes, channels = shape[0], shape[1:4], shape[4]
+        starts = ops.cast(transformation["starts"], "int32")
+        size_x, size_y, size_z = (ops.cast(s, "int32") for s in sizes)
+        grids = [ops.arange(t, dtype="int32") for t in self.shape]
+        ix = ops.reshape(starts[:, 0], (-1, 1, 1, 1)) + ops.reshape(grids[0], (1, -1, 1, 1))
+        iy = ops.reshape(starts[:, 1], (-1, 1, 1, 1)) + ops.reshape(grids[1], (1, 1, -1, 1))
+        iz = ops.reshape(starts[:, 2], (-1, 1, 1, 1)) + ops.reshape(grids[2], (1, 1, 1, -1))
+        base = ops.reshape(ops.arange(batch, dtype="int32"), (-1, 1, 1, 1)) * (
+            size_x * size_y * size_z
+        )
+        flat_index = base + (ix * size_y + iy) * size_z + iz
+        values = ops.take(
+            ops.reshape(volumes, (-1, channels)), ops.reshape(flat_index, (-1,)), axis=0
+        )
+        return ops.reshape(values, (batch, *self.shape, channels))
+
+    def transform_images(self, images: Any, transformation: Any) -> Any:
+        return self._crop(images, transformation)
+
+    def transform_segmentation_masks(self, masks: Any, transformation: Any) -> Any:
+        return self._crop(masks, transformation)
+
+    def call(self, inputs: Any, training: bool = True) -> Any:
+        """The base class's ``call``, except that the draw sees the masks.
+
+        ``VolumeLayer.call`` draws from the batch and spatial sizes only; the
+        foreground windows need the masks, so when they are used this repeats
+        the base flow (with the base's helpers) and draws from the canonical
+        masks. Everything else goes through ``VolumeLayer.call``.
+        """
+        data, was_dict = self._split(inputs)
+        if not training or self.foreground_probability == 0 or MASKS not in data:
+            return super().call(inputs, training=training)
+        ranks = {key: self._rank(key, value) for key, value in data.items()}
+        if len(set(ranks.values())) > 1:
+            raise ValueError(
+                f"{type(self).__name__}: images and segmentation_masks must have the same rank; "
+                f"got {ranks}"
+            )
+        if IMAGES in data:
+            data[IMAGES] = self._prepare_images(data[IMAGES])
+        data[MASKS] = ops.convert_to_tensor(data[MASKS])
+        canonical = {key: self._to_canonical(value, ranks[key]) for key, value in data.items()}
+        transformation = self._foreground_transformation(canonical[MASKS])
+        out = {MASKS: self.transform_segmentation_masks(canonical[MASKS], transformation)}
+        if IMAGES in canonical:
+            out[IMAGES] = self.transform_images(canonical[IMAGES], transformation)
+        return {key: self._from_canonical(value, ranks[key]) for key, value in out.items()}
+
+    def compute_spatial_output_shape(self, spatial_shape: tuple) -> tuple:
+        return tuple(self.shape)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(shape=tuple(self.shape), foreground_probability=self.foreground_probability)
+        return config

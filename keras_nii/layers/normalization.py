@@ -1,0 +1,326 @@
+"""Intensity normalization: z-score, min-max (optionally robust) and fixed windows.
+
+These layers are deterministic: they apply at training *and* inference time
+(``training=False`` changes nothing), so the normalization a model was trained
+with travels inside the saved model. Statistics are always computed per
+sample, never across the batch, in float32 (float64 for float64 inputs) even
+when the images are float16 or bfloat16; the output has the input's dtype
+(integer images are first cast to the layer's compute dtype). Segmentation
+masks pass through untouched.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import keras
+from keras import ops
+
+from keras_nii.layers.base import VolumeLayer, check_range, register
+
+__all__ = ["ZScoreNormalization", "MinMaxNormalization", "IntensityWindow"]
+
+
+# ----------------------------------------------------------------------------
+# argument parsing
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def _check_number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _check_interval(name: str, value: Any, **bounds: Any) -> tuple[float, float]:
+    """An increasing ``(low, high)`` pair with ``low < high``."""
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{name} must be a (low, high) pair with low < high, got {value!r}")
+    low, high = check_range(name, value, symmetric_about=None, **bounds)
+    if not low < high:
+        raise ValueError(f"{name} must be a (low, high) pair with low < high, got {value!r}")
+    return low, high
+
+
+# ----------------------------------------------------------------------------
+# helpers
+
+
+def _work_dtype(dtype: Any) -> str:
+    """float64 stays float64; everything else computes in float32."""
+    return "float64" if keras.backend.standardize_dtype(dtype) == "float64" else "float32"
+
+
+def _reduction_axes(per_channel: bool) -> tuple[int, ...]:
+    return (1, 2, 3) if per_channel else (1, 2, 3, 4)
+
+
+# ----------------------------------------------------------------------------
+
+
+@register
+class ZScoreNormalization(VolumeLayer):
+    """Standardize each volume to zero mean and unit standard deviation.
+
+    For every sample of the batch (never across the batch), subtracts the mean
+    and divides by the standard deviation (population std, ``ddof=0``), per
+    channel or over all channels together. With ``nonzero=True`` the
+    statistics are taken over the non-zero voxels only and zero voxels stay
+    exactly zero: the semantics of MONAI's ``NormalizeIntensity(nonzero=True)``,
+    for skull-stripped or masked scans whose background is 0.
+
+    A (nearly) constant volume would divide by ~0: where the std is below
+    ``epsilon`` it is taken as 1 (as MONAI does for a std of 0), so the output
+    is only centred, ``x - mean``, which is exactly 0 for a constant volume.
+    An all-zero volume with ``nonzero=True`` stays all zeros. The statistics
+    are computed after shifting by the smallest voxel taken into account, so a
+    constant volume has an exactly zero spread and large offsets (CT at
+    -1000 HU) lose no precision.
+
+    Args:
+        nonzero: compute the statistics over the non-zero voxels only and leave
+            zero voxels at zero.
+        per_channel: normalize each channel on its own (default) or all
+            channels of a sample together.
+        epsilon: a std below this is treated as 1 (must be > 0).
+        data_format: ``"channels_last"`` (default) or ``"channels_first"``.
+        **kwargs: passed to ``keras.layers.Layer``.
+
+    Input shape:
+        ``(batch, x, y, z, channels)`` or ``(x, y, z, channels)`` (channels
+        last), or a dict with ``"images"`` and ``"segmentation_masks"``.
+
+    Output shape:
+        Same as the input; images keep their float dtype, masks are untouched.
+
+    Example:
+
+    ```python
+    layer = keras_nii.layers.ZScoreNormalization(nonzero=True)
+    out = layer(np.random.rand(2, 16, 16, 16, 1).astype("float32"))
+    ```
+    """
+
+    def __init__(
+        self,
+        nonzero: bool = False,
+        per_channel: bool = True,
+        epsilon: float = 1e-8,
+        data_format: str | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(data_format=data_format, **kwargs)
+        self.nonzero = _check_bool("nonzero", nonzero)
+        self.per_channel = _check_bool("per_channel", per_channel)
+        epsilon = _check_number("epsilon", epsilon)
+        if epsilon <= 0:
+            raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
+        self.epsilon = epsilon
+
+    def transform_images(self, images: Any, transformation: Any) -> Any:
+        dtype = images.dtype
+        work = _work_dtype(dtype)
+        x = ops.cast(images, work)
+        axes = _reduction_axes(self.per_channel)
+        if self.nonzero:
+            keep = ops.not_equal(x, 0)
+            reference = ops.min(ops.where(keep, x, math.inf), axis=axes, keepdims=True)
+            reference = ops.where(ops.isfinite(reference), reference, 0.0)
+            shifted = ops.where(keep, x - reference, 0.0)
+            count = ops.maximum(ops.sum(ops.cast(keep, work), axis=axes, keepdims=True), 1.0)
+            mean = ops.sum(shifted, axis=axes, keepdims=True) / count
+            centred = ops.where(keep, shifted - mean, 0.0)
+            variance = ops.sum(ops.square(centred), axis=axes, keepdims=True) / count
+        else:
+            reference = ops.min(x, axis=axes, keepdims=True)
+            shifted = x - reference
+            centred = shifted - ops.mean(shifted, axis=axes, keepdims=True)
+            variance = ops.mean(ops.square(centred), axis=axes, keepdims=True)
+        std = ops.sqrt(variance)
+        std = ops.where(std < self.epsilon, ops.ones_like(std), std)
+        return ops.cast(centred / std, dtype)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(nonzero=self.nonzero, per_channel=self.per_channel, epsilon=self.epsilon)
+        return config
+
+
+@register
+class MinMaxNormalization(VolumeLayer):
+    """Rescale each volume linearly from its own [min, max] (or percentiles) to a range.
+
+    For every sample of the batch (never across the batch), per channel or
+    over all channels together, maps the volume's minimum to
+    ``output_range[0]`` and its maximum to ``output_range[1]``. With
+    ``percentiles=(low, high)`` the robust version: the ``low``-th and
+    ``high``-th percentiles (linear interpolation, as ``numpy.percentile``)
+    are mapped instead, as MONAI's ``ScaleIntensityRangePercentiles``; then
+    ``clip`` clips the result to ``output_range`` so outliers saturate.
+
+    When the window is empty (a constant volume, or two percentiles that
+    coincide), every voxel maps to ``output_range[0]``.
+
+    Args:
+        output_range: ``(low, high)``, ``low < high``, the target range.
+        percentiles: ``None`` (min and max) or ``(low, high)`` with
+            ``0 <= low < high <= 100``.
+        clip: clip the output to ``output_range`` (matters with percentiles).
+        per_channel: rescale each channel on its own (default) or all
+            channels of a sample together.
+        data_format: ``"channels_last"`` (default) or ``"channels_first"``.
+        **kwargs: passed to ``keras.layers.Layer``.
+
+    Input shape:
+        ``(batch, x, y, z, channels)`` or ``(x, y, z, channels)`` (channels
+        last), or a dict with ``"images"`` and ``"segmentation_masks"``.
+
+    Output shape:
+        Same as the input; images keep their float dtype, masks are untouched.
+
+    Example:
+
+    ```python
+    layer = keras_nii.layers.MinMaxNormalization(percentiles=(0.5, 99.5))
+    out = layer(np.random.rand(2, 16, 16, 16, 1).astype("float32"))
+    ```
+    """
+
+    def __init__(
+        self,
+        output_range: tuple[float, float] = (0.0, 1.0),
+        percentiles: tuple[float, float] | None = None,
+        clip: bool = True,
+        per_channel: bool = True,
+        data_format: str | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(data_format=data_format, **kwargs)
+        self.output_range = _check_interval("output_range", output_range)
+        if percentiles is not None:
+            percentiles = _check_interval("percentiles", percentiles, minimum=0.0, maximum=100.0)
+        self.percentiles = percentiles
+        self.clip = _check_bool("clip", clip)
+        self.per_channel = _check_bool("per_channel", per_channel)
+
+    def _bounds(self, x: Any) -> tuple[Any, Any]:
+        axes = _reduction_axes(self.per_channel)
+        if self.percentiles is None:
+            return ops.min(x, axis=axes, keepdims=True), ops.max(x, axis=axes, keepdims=True)
+        shape = ops.shape(x)
+        q = ops.convert_to_tensor([p / 100.0 for p in self.percentiles], dtype=x.dtype)
+        if self.per_channel:
+            flat = ops.reshape(x, (shape[0], -1, shape[4]))
+            bounds = ops.quantile(flat, q, axis=1)  # (2, batch, channels)
+            expand = (1, 1, 1)
+        else:
+            flat = ops.reshape(x, (shape[0], -1))
+            bounds = ops.quantile(flat, q, axis=1)  # (2, batch)
+            expand = (1, 1, 1, 1)
+        low, high = ops.cast(bounds[0], x.dtype), ops.cast(bounds[1], x.dtype)
+        for axis in expand:
+            low, high = ops.expand_dims(low, axis), ops.expand_dims(high, axis)
+        return low, high
+
+    def transform_images(self, images: Any, transformation: Any) -> Any:
+        dtype = images.dtype
+        x = ops.cast(images, _work_dtype(dtype))
+        low, high = self._bounds(x)
+        a, b = self.output_range
+        width = high - low
+        empty = ops.logical_not(width > 0)
+        width = ops.where(empty, ops.ones_like(width), width)
+        out = (x - low) / width * (b - a) + a
+        out = ops.where(empty, ops.full_like(out, a), out)
+        if self.clip:
+            out = ops.clip(out, a, b)
+        return ops.cast(out, dtype)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(
+            output_range=tuple(self.output_range),
+            percentiles=None if self.percentiles is None else tuple(self.percentiles),
+            clip=self.clip,
+            per_channel=self.per_channel,
+        )
+        return config
+
+
+@register
+class IntensityWindow(VolumeLayer):
+    """Map a fixed intensity window linearly to a range, e.g. CT Hounsfield units.
+
+    ``minval`` maps to ``output_range[0]`` and ``maxval`` to
+    ``output_range[1]``; with ``clip`` (default) values outside the window
+    saturate. The window is the same for every sample (it does not depend on
+    the data), as for CT windowing: ``minval=-1000, maxval=400`` for lung and
+    soft tissue, ``-160, 240`` for abdomen, ``0, 80`` for brain.
+
+    Args:
+        minval: the intensity mapped to ``output_range[0]``.
+        maxval: the intensity mapped to ``output_range[1]``; ``minval < maxval``.
+        output_range: ``(low, high)``, ``low < high``.
+        clip: clip the output to ``output_range``.
+        data_format: ``"channels_last"`` (default) or ``"channels_first"``.
+        **kwargs: passed to ``keras.layers.Layer``.
+
+    Input shape:
+        ``(batch, x, y, z, channels)`` or ``(x, y, z, channels)`` (channels
+        last), or a dict with ``"images"`` and ``"segmentation_masks"``.
+
+    Output shape:
+        Same as the input; images keep their float dtype (integer CT volumes
+        are cast to the compute dtype), masks are untouched.
+
+    Example:
+
+    ```python
+    layer = keras_nii.layers.IntensityWindow(minval=-1000, maxval=400)
+    ct = np.random.randint(-1024, 3000, size=(1, 16, 16, 16, 1)).astype("int16")
+    out = layer(ct)  # float32 in [0, 1]
+    ```
+    """
+
+    def __init__(
+        self,
+        minval: float,
+        maxval: float,
+        output_range: tuple[float, float] = (0.0, 1.0),
+        clip: bool = True,
+        data_format: str | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(data_format=data_format, **kwargs)
+        self.minval = _check_number("minval", minval)
+        self.maxval = _check_number("maxval", maxval)
+        if not self.minval < self.maxval:
+            raise ValueError(f"minval must be < maxval, got minval={minval!r}, maxval={maxval!r}")
+        self.output_range = _check_interval("output_range", output_range)
+        self.clip = _check_bool("clip", clip)
+
+    def transform_images(self, images: Any, transformation: Any) -> Any:
+        dtype = images.dtype
+        x = ops.cast(images, _work_dtype(dtype))
+        a, b = self.output_range
+        scale = (b - a) / (self.maxval - self.minval)
+        out = (x - self.minval) * scale + a
+        if self.clip:
+            out = ops.clip(out, a, b)
+        return ops.cast(out, dtype)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(
+            minval=self.minval,
+            maxval=self.maxval,
+            output_range=tuple(self.output_range),
+            clip=self.clip,
+        )
+        return config
