@@ -99,9 +99,11 @@ def _check_against_scipy(layer, matrix, offset, rng):
 
     # order 0: the resampler rounds float32 coordinates, scipy float64 ones, so
     # a voxel whose source point lies (almost) exactly halfway between two
-    # input voxels may round to the other neighbour; and scipy's "constant"
-    # mode keeps source points up to half a voxel beyond the edge where the
-    # resampler fills them (it allows 1e-3). Only label borders show either.
+    # input voxels may round to the other neighbour; and the resampler keeps a
+    # source point up to 1e-3 voxel beyond the edge (so that an identity map
+    # keeps its edge voxels) where scipy's "constant" mode fills it. Either
+    # can only show on a label border or on the volume's edge: a handful of
+    # voxels.
     expected = _scipy(masks, matrix, offset, order=0).astype("int32")
     assert np.mean(out["segmentation_masks"] == expected) >= 0.999
     assert np.mean(out["segmentation_masks"][:, inside] == expected[:, inside]) >= 0.999
