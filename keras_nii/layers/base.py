@@ -177,6 +177,16 @@ class VolumeLayer(keras.layers.Layer):
     def get_random_transformation(self, batch_size: Any, spatial_shape: Sequence[Any]) -> Any:
         return None
 
+    def draw_transformation(self, data: dict) -> Any:
+        """The draw for one call, given the canonical ``data`` dict.
+
+        By default it depends on the sizes only; a layer whose draw depends on
+        the data (e.g. patches centred on mask foreground) overrides this.
+        """
+        reference = data.get(IMAGES, data.get(MASKS))
+        shape = ops.shape(reference)
+        return self.get_random_transformation(shape[0], shape[1:4])
+
     def transform_images(self, images: Any, transformation: Any) -> Any:
         raise NotImplementedError
 
@@ -246,9 +256,7 @@ class VolumeLayer(keras.layers.Layer):
         else:
             data[MASKS] = ops.convert_to_tensor(data[MASKS])
         canonical = {key: self._to_canonical(value, ranks[key]) for key, value in data.items()}
-        reference = canonical.get(IMAGES, canonical.get(MASKS))
-        shape = ops.shape(reference)
-        transformation = self.get_random_transformation(shape[0], shape[1:4])
+        transformation = self.draw_transformation(canonical)
         out = {}
         if IMAGES in canonical:
             out[IMAGES] = self.transform_images(canonical[IMAGES], transformation)

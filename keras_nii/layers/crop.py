@@ -20,7 +20,6 @@ from typing import Any
 from keras import ops
 
 from keras_nii.layers.base import (
-    IMAGES,
     MASKS,
     VolumeLayer,
     check_choice,
@@ -359,32 +358,11 @@ class RandomCrop3D(VolumeLayer):
     def transform_segmentation_masks(self, masks: Any, transformation: Any) -> Any:
         return self._crop(masks, transformation)
 
-    def call(self, inputs: Any, training: bool = True) -> Any:
-        """The base class's ``call``, except that the draw sees the masks.
-
-        ``VolumeLayer.call`` draws from the batch and spatial sizes only; the
-        foreground windows need the masks, so when they are used this repeats
-        the base flow (with the base's helpers) and draws from the canonical
-        masks. Everything else goes through ``VolumeLayer.call``.
-        """
-        data, was_dict = self._split(inputs)
-        if not training or self.foreground_probability == 0 or MASKS not in data:
-            return super().call(inputs, training=training)
-        ranks = {key: self._rank(key, value) for key, value in data.items()}
-        if len(set(ranks.values())) > 1:
-            raise ValueError(
-                f"{type(self).__name__}: images and segmentation_masks must have the same rank; "
-                f"got {ranks}"
-            )
-        if IMAGES in data:
-            data[IMAGES] = self._prepare_images(data[IMAGES])
-        data[MASKS] = ops.convert_to_tensor(data[MASKS])
-        canonical = {key: self._to_canonical(value, ranks[key]) for key, value in data.items()}
-        transformation = self._foreground_transformation(canonical[MASKS])
-        out = {MASKS: self.transform_segmentation_masks(canonical[MASKS], transformation)}
-        if IMAGES in canonical:
-            out[IMAGES] = self.transform_images(canonical[IMAGES], transformation)
-        return {key: self._from_canonical(value, ranks[key]) for key, value in out.items()}
+    def draw_transformation(self, data: dict) -> Any:
+        """Foreground-centred windows when a mask is given, else uniform ones."""
+        if self.foreground_probability == 0 or MASKS not in data:
+            return super().draw_transformation(data)
+        return self._foreground_transformation(data[MASKS])
 
     def compute_spatial_output_shape(self, spatial_shape: tuple) -> tuple:
         return tuple(self.shape)
