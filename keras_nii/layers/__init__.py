@@ -8,7 +8,17 @@ from keras_nii.layers.affine import (
 )
 from keras_nii.layers.base import VolumeLayer
 from keras_nii.layers.crop import CenterCropOrPad3D, RandomCrop3D, Resize3D
+from keras_nii.layers.elastic import RandomElasticDeformation3D
 from keras_nii.layers.flip import RandomFlip3D, RandomRotation90_3D
+from keras_nii.layers.intensity import (
+    RandomBiasField,
+    RandomContrast3D,
+    RandomGamma,
+    RandomGaussianBlur3D,
+    RandomGaussianNoise,
+    RandomIntensityScale,
+    RandomIntensityShift,
+)
 from keras_nii.layers.normalization import (
     IntensityWindow,
     MinMaxNormalization,
@@ -23,6 +33,14 @@ __all__ = [
     "ZScoreNormalization",
     "MinMaxNormalization",
     "IntensityWindow",
+    "RandomElasticDeformation3D",
+    "RandomBiasField",
+    "RandomContrast3D",
+    "RandomGamma",
+    "RandomGaussianBlur3D",
+    "RandomGaussianNoise",
+    "RandomIntensityScale",
+    "RandomIntensityShift",
     "RandomFlip3D",
     "RandomRotation90_3D",
     "RandomAffine3D",
