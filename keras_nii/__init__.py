@@ -2,8 +2,20 @@
 
 from keras_nii import layers  # registers the layers, so .keras files load after import
 from keras_nii.data import NiftiDataset
+from keras_nii.inference import predict_nifti
 from keras_nii.io import NiftiError, Volume, load_nifti, save_nifti
+from keras_nii.training import AugmentedModel
 
 __version__ = "0.1.0"
 
-__all__ = ["layers", "NiftiDataset", "NiftiError", "Volume", "load_nifti", "save_nifti", "__version__"]
+__all__ = [
+    "layers",
+    "AugmentedModel",
+    "NiftiDataset",
+    "predict_nifti",
+    "NiftiError",
+    "Volume",
+    "load_nifti",
+    "save_nifti",
+    "__version__",
+]
