@@ -40,15 +40,39 @@ def load_model(path: str | os.PathLike) -> Callable[[np.ndarray], np.ndarray]:
             raise ValueError(f"model {path}: a folder without saved_model.pb is not a SavedModel")
         import tensorflow as tf
 
-        loaded = tf.saved_model.load(path)
-        serve = getattr(loaded, "serve", None) or loaded.signatures["serving_default"]
+        try:
+            loaded = tf.saved_model.load(path)
+        except Exception as err:  # TensorFlow reports a damaged SavedModel in many ways
+            raise ValueError(
+                f"model {path}: cannot be loaded ({type(err).__name__}: {err})"
+            ) from err
+        serve = getattr(loaded, "serve", None)
+        if serve is not None:
+            call = serve
+        else:
+            signature = loaded.signatures.get("serving_default")
+            if signature is None:
+                raise ValueError(
+                    f"model {path}: the SavedModel has neither a 'serve' endpoint nor a "
+                    "'serving_default' signature"
+                )
+            # signature functions take their input by keyword only
+            name = next(iter(signature.structured_input_signature[1]))
+
+            def call(tensor: Any, _signature: Any = signature, _name: str = name) -> Any:
+                return _signature(**{_name: tensor})
+
+            serve = signature
 
         def run(batch: np.ndarray) -> np.ndarray:
-            out = serve(tf.constant(batch))
+            out = call(tf.constant(batch))
             if isinstance(out, dict):
                 out = next(iter(out.values()))
             return np.asarray(out)
 
+        # keep the loaded object alive as long as the function: its variables
+        # are deleted with it
+        run.saved_model = loaded
         run.input_shape = _saved_model_input_shape(serve)
         return run
     if not path.endswith(".keras"):
@@ -64,10 +88,23 @@ def load_model(path: str | os.PathLike) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def _saved_model_input_shape(serve: Any) -> tuple | None:
+    """The input shape of a restored ``serve`` function or a signature, if it has one."""
+    specs = []
+    signature = getattr(serve, "input_signature", None)  # a restored tf.function
+    if signature:
+        specs = list(signature)
+    else:
+        functions = getattr(serve, "concrete_functions", None) or [serve]
+        try:
+            args, kwargs = functions[0].structured_input_signature
+            specs = list(args) or list(kwargs.values())
+        except (AttributeError, IndexError, TypeError, ValueError):
+            return None
+    if len(specs) != 1 or getattr(specs[0], "shape", None) is None:
+        return None  # several inputs, or a nested structure
     try:
-        spec = serve.structured_input_signature[0][0]
-        return tuple(spec.shape.as_list())
-    except Exception:  # not every concrete function exposes its signature the same way
+        return tuple(specs[0].shape.as_list())
+    except ValueError:  # unknown rank
         return None
 
 

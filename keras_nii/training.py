@@ -19,6 +19,7 @@ own shard).
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import keras
@@ -80,7 +81,26 @@ class AugmentedModel(keras.Model):
     def build(self, input_shape: Any) -> None:
         if not self.model.built:
             self.model.build(input_shape)
+        self._build_augmentation(input_shape)
         self.built = True
+
+    def _build_augmentation(self, input_shape: Any) -> None:
+        """Build the augmentation now, by a symbolic call, not in the training step.
+
+        Keras builds a Pipeline on its first call by tracing it symbolically.
+        Inside the JAX training step that trace fails (the trainer has moved
+        the variables' values into the step's state, and the nested trace sees
+        none), and Keras warns that the layer "looks like it has unbuilt state".
+        Built here, before the step, the first call finds it built.
+        """
+        if self.augmentation.built:
+            return
+        try:
+            shape = tuple(input_shape)
+            if len(shape) in (4, 5) and all(s is None or isinstance(s, int) for s in shape):
+                self.augmentation(keras.KerasTensor(shape, dtype=self.compute_dtype), training=True)
+        except Exception:  # noqa: BLE001 - an augmentation that needs masks builds at first use
+            pass
 
     def augment(self, x: Any, y: Any = None) -> tuple[Any, Any]:
         """Apply the augmentation to a batch, as the training step does."""
@@ -128,7 +148,9 @@ class AugmentedModel(keras.Model):
 
     @classmethod
     def from_config(cls, config: dict, custom_objects: Any = None) -> AugmentedModel:
-        config = dict(config)
+        # deep copy: deserializing a Functional model empties its config dict in
+        # place, which would break the caller's config for a second use
+        config = copy.deepcopy(config)
         model = keras.saving.deserialize_keras_object(config.pop("model"), custom_objects)
         augmentation = keras.saving.deserialize_keras_object(
             config.pop("augmentation"), custom_objects
