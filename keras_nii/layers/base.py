@@ -13,8 +13,11 @@ only, a channels-last rank-5 batch, and implement
   transform with nearest-neighbour sampling; masks keep their dtype. The
   default leaves masks untouched (intensity layers, normalization).
 
-Random layers return their input unchanged when ``training`` is false; called on
-their own, ``training`` defaults to true, as for Keras's random layers.
+Random layers return their input unchanged when ``training`` is false. Left
+unset, ``training`` comes from the enclosing call (``fit`` sets it, ``predict``
+clears it); with no enclosing call setting it, a layer called on its own
+augments (as Keras's random layers do) while a layer inside a model called as
+``model(x)`` -- or served from ``model.export`` -- does not.
 """
 
 from __future__ import annotations
@@ -241,7 +244,21 @@ class VolumeLayer(keras.layers.Layer):
             images = ops.cast(images, self.compute_dtype)
         return images
 
-    def call(self, inputs: Any, training: bool = True) -> Any:
+    def _called_on_its_own(self) -> bool:
+        """Whether this layer, not a model or pipeline around it, was called."""
+        try:
+            return self._get_call_context().entry_layer is self
+        except AttributeError:  # a Keras without call contexts: Keras's own default
+            return True
+
+    def call(self, inputs: Any, training: bool | None = None) -> Any:
+        if training is None:
+            # Keras resolves ``training`` from the outer call when there is one
+            # (fit passes True, predict False). Left unset inside a model --
+            # ``model(x)``, or the serving function of ``model.export`` -- a
+            # random layer must not augment; called on its own, it does, as
+            # Keras's random layers do.
+            training = self._called_on_its_own()
         data, was_dict = self._split(inputs)
         if self.RANDOM and not training:
             return inputs

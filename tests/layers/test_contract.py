@@ -153,6 +153,21 @@ def test_training_false(factory):
         np.testing.assert_allclose(out["images"], again["images"], rtol=1e-6, atol=1e-6)
 
 
+def test_training_default_follows_the_caller(factory):
+    layer = factory()
+    if not layer.RANDOM:
+        pytest.skip("deterministic layer")
+    images, _ = make_batch(batch=3)
+    # called on its own, a random layer augments (Keras's rule for its random layers)
+    assert not np.array_equal(to_numpy(layer(images)), images)
+    # inside a model called without `training` (as model.export serves it): identity
+    inputs = keras.Input(images.shape[1:])
+    model = keras.Model(inputs, factory()(inputs))
+    np.testing.assert_array_equal(to_numpy(model(images)), images)
+    np.testing.assert_array_equal(to_numpy(model.predict(images, verbose=0)), images)
+    assert not np.array_equal(to_numpy(model(images, training=True)), images)
+
+
 def test_same_seed_same_output(factory):
     images, masks = make_batch(batch=3)
     data = {"images": images, "segmentation_masks": masks}
@@ -215,7 +230,9 @@ def test_low_precision_policies(factory, policy):
     # the same draws, computed at low precision: close to the float32 result
     scale = np.abs(reference["images"]).max() + 1e-6
     assert np.mean(np.abs(values - reference["images"])) / scale < 0.02
-    np.testing.assert_array_equal(to_numpy(out["segmentation_masks"]), reference["segmentation_masks"])
+    np.testing.assert_array_equal(
+        to_numpy(out["segmentation_masks"]), reference["segmentation_masks"]
+    )
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -261,12 +278,16 @@ def test_xla_tf_data_and_no_python_ops(factory):
     batch = next(iter(dataset))
     assert batch["segmentation_masks"].dtype == tf.int32
 
-    graph = tf.function(lambda d: layer(d, training=True)).get_concrete_function(
-        {
-            "images": tf.TensorSpec((None, None, None, None, 1), tf.float32),
-            "segmentation_masks": tf.TensorSpec((None, None, None, None, 1), tf.int32),
-        }
-    ).graph.as_graph_def()
+    graph = (
+        tf.function(lambda d: layer(d, training=True))
+        .get_concrete_function(
+            {
+                "images": tf.TensorSpec((None, None, None, None, 1), tf.float32),
+                "segmentation_masks": tf.TensorSpec((None, None, None, None, 1), tf.int32),
+            }
+        )
+        .graph.as_graph_def()
+    )
     op_types = {node.op for node in graph.node}
     for function in graph.library.function:
         op_types |= {node.op for node in function.node_def}
@@ -321,6 +342,10 @@ def test_model_with_every_layer_saves_and_loads_in_a_fresh_process(tmp_path):
         env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    np.testing.assert_allclose(np.load(tmp_path / "predict.npy"), expected_predict, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.load(tmp_path / "predict.npy"), expected_predict, rtol=1e-5, atol=1e-5
+    )
     # the random layers' seed state travels with the file: the same draws follow
-    np.testing.assert_allclose(np.load(tmp_path / "train.npy"), expected_train, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(
+        np.load(tmp_path / "train.npy"), expected_train, rtol=1e-5, atol=1e-4
+    )
