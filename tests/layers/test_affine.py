@@ -10,7 +10,6 @@ import keras
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
-from conftest import to_numpy
 
 from keras_nii.layers.affine import (
     RandomAffine3D,
@@ -18,6 +17,7 @@ from keras_nii.layers.affine import (
     RandomTranslation3D,
     RandomZoom3D,
 )
+from tests.layers.conftest import to_numpy
 
 N = 16
 CENTRE = np.full(3, (N - 1) / 2)

@@ -23,10 +23,10 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from conftest import BACKEND, tensorflow_only, to_numpy
 
 import keras_nii.layers as kl
 from keras_nii.layers.base import VolumeLayer
+from tests.layers.conftest import BACKEND, tensorflow_only, to_numpy
 
 HERE = Path(__file__).parent
 SIZE = 16

@@ -2,12 +2,12 @@
 
 import numpy as np
 import pytest
-from conftest import to_numpy
 from keras import ops
 from scipy import ndimage
 
 from keras_nii.layers import RandomElasticDeformation3D
 from keras_nii.layers.elastic import dense_displacement
+from tests.layers.conftest import to_numpy
 
 SHAPE = (14, 16, 12)
 

@@ -5,9 +5,9 @@ import itertools
 import keras
 import numpy as np
 import pytest
-from conftest import to_numpy
 
 from keras_nii.layers.flip import RandomFlip3D, RandomRotation90_3D
+from tests.layers.conftest import to_numpy
 
 
 def _numpy_flip(volume, flips):

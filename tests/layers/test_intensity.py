@@ -4,7 +4,6 @@ import math
 
 import numpy as np
 import pytest
-from conftest import to_numpy
 from keras import ops
 from scipy import ndimage
 
@@ -17,6 +16,7 @@ from keras_nii.layers import (
     RandomIntensityScale,
     RandomIntensityShift,
 )
+from tests.layers.conftest import to_numpy
 
 SHAPE = (10, 12, 9)
 
