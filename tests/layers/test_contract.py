@@ -349,3 +349,49 @@ def test_model_with_every_layer_saves_and_loads_in_a_fresh_process(tmp_path):
     np.testing.assert_allclose(
         np.load(tmp_path / "train.npy"), expected_train, rtol=1e-5, atol=1e-4
     )
+
+
+SEEDED_PIPELINE_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    import keras
+    from keras_nii import layers
+
+    pipeline = keras.layers.Pipeline(
+        [
+            layers.RandomFlip3D(seed=1),
+            layers.RandomAffine3D(degrees=20, scales=0.1, seed=2),
+            layers.RandomElasticDeformation3D(max_displacement=2.0, seed=3),
+            layers.RandomGaussianNoise(std=(0.0, 5.0), seed=4),
+        ]
+    )
+    x = np.load(sys.argv[1])
+    first = pipeline(x, training=True)
+    second = pipeline(x, training=True)
+    np.save(sys.argv[2], np.stack([keras.ops.convert_to_numpy(first),
+                                   keras.ops.convert_to_numpy(second)]))
+    """
+)
+
+
+def test_seeded_pipeline_reproduces_in_a_new_process(tmp_path):
+    images, _ = make_batch(batch=2)
+    np.save(tmp_path / "x.npy", images)
+    env = dict(os.environ, KERAS_BACKEND=BACKEND)
+    outputs = []
+    for run in range(2):
+        out = tmp_path / f"run{run}.npy"
+        result = subprocess.run(
+            [sys.executable, "-c", SEEDED_PIPELINE_SCRIPT, str(tmp_path / "x.npy"), str(out)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs.append(np.load(out))
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+    # the stream advances within a run, so the two calls of one run differ
+    assert not np.array_equal(outputs[0][0], outputs[0][1])
+    assert not np.array_equal(outputs[0][0], images)
