@@ -74,7 +74,9 @@ def _center_crop_or_pad(volumes: Any, shape: Sequence[int], fill: Any) -> Any:
         return volumes
     volumes = _pad_to_at_least(volumes, shape, fill)
     starts = [_center_window(s, t)[2] for s, t in zip(sizes, shape, strict=True)]
-    return ops.slice(volumes, [0, *starts, 0], [-1, *shape, -1])
+    full = ops.shape(volumes)
+    # explicit sizes: "-1 = to the end" is not understood by every backend (torch)
+    return ops.slice(volumes, [0, *starts, 0], [full[0], *shape, full[4]])
 
 
 def _as_vector(values: Sequence[Any], dtype: str) -> Any:
