@@ -1,0 +1,515 @@
+"""The ``keras-nii`` command: ``demo``, ``info``, ``predict`` and ``bench``.
+
+Run ``keras-nii --help``, or ``keras-nii COMMAND --help``. Expected problems
+(a missing or damaged file, a bad argument) end the command with one line,
+``keras-nii: error: ...``, on stderr and a non-zero exit status; ``--traceback``
+shows the full Python traceback instead. TensorFlow and Keras are imported only
+by the commands that run a model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+PROG = "keras-nii"
+
+# the errors that are the user's to fix: reported in one line, no traceback
+_EXPECTED = (ValueError, OSError, ImportError)
+
+
+class CommandError(Exception):
+    """An error to report in one line (the message says what to do)."""
+
+
+def _version() -> str:
+    from keras_nii import __version__
+
+    return __version__
+
+
+# --------------------------------------------------------------------------- #
+# info
+# --------------------------------------------------------------------------- #
+
+
+def _format_number(value: float) -> str:
+    return f"{value:.6g}"
+
+
+def _info_lines(path: str) -> list[str]:
+    """The description of one NIfTI file, as lines; NiftiError if it is unreadable."""
+    import nibabel as nib
+
+    from keras_nii.io import _read_image, load_nifti
+
+    img = _read_image(path)  # the same checks as load_nifti, without reading the data
+    header = img.header
+    shape = tuple(int(s) for s in img.shape)
+    affine = np.asarray(img.affine, dtype=np.float64)
+    sizes = nib.affines.voxel_sizes(affine)
+    spatial_unit, time_unit = header.get_xyzt_units()
+    slope, inter = img.dataobj.slope, img.dataobj.inter
+    own = "".join(nib.aff2axcodes(affine))
+    oblique = np.degrees(nib.affines.obliquity(affine))
+
+    volume = load_nifti(path, canonical=True, dtype="float32", nonfinite="keep")
+    data = volume.array
+    finite = np.isfinite(data)
+    n_bad = int(data.size - np.count_nonzero(finite))
+    values = data[finite] if n_bad else data
+
+    version = "NIfTI-2" if isinstance(header, nib.Nifti2Header) else "NIfTI-1"
+    single = isinstance(img, (nib.Nifti1Image, nib.Nifti2Image))  # Nifti1Image is a Nifti1Pair
+    pair = "" if single else " (.hdr/.img pair)"
+    lines = [path]
+    lines.append(f"  format        {version}{pair}")
+    dims = " x ".join(str(s) for s in shape)
+    lines.append(f"  shape         {dims}   (RAS+ array from load_nifti: {volume.shape})")
+    lines.append(
+        f"  dtype         {img.get_data_dtype().name} on disk ({img.get_data_dtype().str})"
+    )
+    if (np.isfinite(slope) and slope != 1.0) or (np.isfinite(inter) and inter != 0.0):
+        lines.append(
+            f"  scaling       slope {_format_number(slope)}, intercept {_format_number(inter)}"
+            " (applied on load: value = stored * slope + intercept)"
+        )
+    else:
+        lines.append("  scaling       none (slope 1, intercept 0)")
+    unit = spatial_unit if spatial_unit not in (None, "unknown") else "units unknown"
+    spacing = " x ".join(_format_number(float(s)) for s in sizes)
+    lines.append(
+        f"  spacing       {spacing} {unit}"
+        + (
+            f"; time step {_format_number(float(header.get_zooms()[3]))} {time_unit}"
+            if len(shape) > 3 and len(header.get_zooms()) > 3
+            else ""
+        )
+    )
+    orientation = f"  orientation   {own} (voxel axes of the file)"
+    orientation += f", {''.join(volume.axcodes)} after canonical reorientation (load_nifti default)"
+    lines.append(orientation)
+    if float(np.max(oblique)) > 1e-3:
+        lines.append(
+            "  oblique       voxel axes tilted from the world axes by up to "
+            f"{float(np.max(oblique)):.1f} degrees (codes name the closest axes)"
+        )
+    codes = (int(header["sform_code"]), int(header["qform_code"]))
+    lines.append(f"  affine        (sform_code {codes[0]}, qform_code {codes[1]})")
+    for row in affine:
+        lines.append("                [" + "  ".join(f"{v:10.4f}" for v in row) + "]")
+    if values.size:
+        lines.append(
+            f"  intensities   (scaled) min {_format_number(float(values.min()))}, "
+            f"max {_format_number(float(values.max()))}, "
+            f"mean {_format_number(float(np.mean(values, dtype=np.float64)))}; "
+            f"non-finite voxels: {n_bad}"
+        )
+    else:
+        lines.append(f"  intensities   no finite values; non-finite voxels: {n_bad}")
+    return lines
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    failed = 0
+    for i, path in enumerate(args.files):
+        try:
+            lines = _info_lines(path)
+        except _EXPECTED as err:
+            _error(_message(err, path))
+            failed += 1
+            continue
+        if i:
+            print()
+        print("\n".join(lines), flush=True)
+    if failed and len(args.files) > 1:
+        _error(f"{failed} of {len(args.files)} file(s) could not be read")
+    return 1 if failed else 0
+
+
+# --------------------------------------------------------------------------- #
+# predict
+# --------------------------------------------------------------------------- #
+
+
+class _ModelFailed(Exception):
+    """The model raised on a batch of windows."""
+
+    def __init__(self, err: Exception, batch_shape: tuple[int, ...]):
+        super().__init__(str(err))
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # Keras puts ANSI bold in messages
+        text = " ".join(text.split())
+        text = text.replace("Exception encountered when calling ", "in ")
+        if len(text) > 300:
+            text = text[:297] + "..."
+        self.reason = f"{type(err).__name__}: {text}" if text else type(err).__name__
+        self.batch_shape = batch_shape
+
+
+class _Guarded:
+    """A model as predict_volume calls it, whose own failures become _ModelFailed."""
+
+    def __init__(self, model: Any):
+        self.input_shape = getattr(model, "input_shape", None)
+        self._run = model.predict_on_batch if hasattr(model, "predict_on_batch") else model
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        try:
+            out = self._run(batch)
+            if isinstance(out, dict):
+                out = next(iter(out.values()))
+            return np.asarray(out)
+        except Exception as err:  # whatever the backend raises for a bad input
+            raise _ModelFailed(err, tuple(batch.shape)) from err
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from keras_nii.io import NIFTI_SUFFIXES
+
+    # check what can be checked before TensorFlow is imported
+    if not os.path.exists(args.model):
+        raise CommandError(f"model {args.model}: no such file or folder")
+    for scan in args.inputs:
+        if not os.path.exists(scan):
+            raise CommandError(f"{scan}: no such file")
+    if not args.output_path.lower().endswith(NIFTI_SUFFIXES):
+        raise CommandError(
+            f"output {args.output_path} must end with one of {', '.join(NIFTI_SUFFIXES)}"
+        )
+    for scan in args.inputs:
+        if os.path.abspath(scan) == os.path.abspath(args.output_path) or (
+            os.path.exists(args.output_path) and os.path.samefile(scan, args.output_path)
+        ):
+            raise CommandError(f"refusing to write {args.output_path}: it is an input scan")
+    if os.path.exists(args.output_path) and not args.overwrite:
+        raise CommandError(f"{args.output_path} already exists; pass --overwrite to replace it")
+    if args.patch_size is not None and min(args.patch_size) < 1:
+        raise CommandError(f"--patch-size must be three positive integers, got {args.patch_size}")
+
+    from keras_nii.inference import load_model, predict_nifti
+
+    model = _Guarded(load_model(args.model))
+    try:
+        written = predict_nifti(
+            model,
+            args.inputs if len(args.inputs) > 1 else args.inputs[0],
+            args.output_path,
+            patch_size=args.patch_size,
+            overlap=args.overlap,
+            batch_size=args.batch_size,
+            output=args.output,
+            threshold=args.threshold,
+            blend=args.blend,
+            margin=args.margin,
+        )
+    except _ModelFailed as err:
+        shape = " x ".join(str(s) for s in err.batch_shape[1:4])
+        raise CommandError(
+            f"the model failed on windows of {shape} voxels of {', '.join(args.inputs)} "
+            f"({err.reason}); if it needs particular input sizes (a U-Net: multiples of "
+            "2**levels), pass --patch-size with such sizes"
+        ) from err
+
+    import nibabel as nib
+
+    img = nib.load(str(written))
+    summary = (
+        f"wrote {written}: {' x '.join(str(s) for s in img.shape)} {img.get_data_dtype().name}"
+    )
+    if args.output == "labels":
+        labels = np.asarray(img.dataobj)
+        summary += f", {int(np.count_nonzero(labels))} non-zero voxel(s)"
+    print(summary + ", on the grid of " + args.inputs[0])
+    return 0
+
+
+# --------------------------------------------------------------------------- #
+# demo
+# --------------------------------------------------------------------------- #
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from keras_nii.demo import run_demo
+
+    run_demo(
+        args.out,
+        epochs=args.epochs,
+        cases=args.cases,
+        size=args.size,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------- #
+# bench
+# --------------------------------------------------------------------------- #
+
+
+def _cmd_bench(rest: Sequence[str]) -> int:
+    import importlib
+
+    try:
+        bench = importlib.import_module("keras_nii.bench")
+    except ModuleNotFoundError as err:
+        if err.name != "keras_nii.bench":
+            raise
+        raise CommandError(
+            "the benchmark is not available in this installation (keras_nii.bench is missing)"
+        ) from err
+    return int(bench.main(list(rest)) or 0)
+
+
+# --------------------------------------------------------------------------- #
+# parsing
+# --------------------------------------------------------------------------- #
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``keras-nii`` (``bench`` arguments are the benchmark's own)."""
+    from keras_nii.demo import DEFAULTS
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Train and ship Keras models on NIfTI volumes.",
+        epilog="Run 'keras-nii COMMAND --help' for the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
+    parser.add_argument(
+        "--traceback",
+        action="store_true",
+        help="show the full Python traceback of an error instead of one line",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = commands.add_parser(
+        "demo",
+        help="train a 3D U-Net on synthetic phantoms, end to end, in a few minutes",
+        description=(
+            "Write a synthetic NIfTI dataset (head phantoms with lesions, stored in RAS, LPS "
+            "and oblique orientations with varied voxel sizes), train a small 3D U-Net on it "
+            "with on-the-fly augmentation (NiftiDataset + AugmentedModel), save and export the "
+            "model, predict a held-out scan back into its own space with predict_nifti, and "
+            "report Dice scores and where every file went."
+        ),
+    )
+    demo.add_argument(
+        "--out",
+        default=DEFAULTS["out"],
+        metavar="DIR",
+        help="folder for the data, the model and the prediction (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=DEFAULTS["epochs"],
+        metavar="N",
+        help="training epochs (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--cases",
+        type=_positive_int,
+        default=DEFAULTS["cases"],
+        metavar="N",
+        help="phantoms to train and validate on; a fifth of them validate (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--size",
+        type=_positive_int,
+        default=DEFAULTS["size"],
+        metavar="S",
+        help="phantom size in voxels per axis, a multiple of 4 (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--seed",
+        type=_non_negative_int,
+        default=DEFAULTS["seed"],
+        metavar="N",
+        help="seed of the data, the augmentation and the weights (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the demo's files in an existing, non-empty --out folder",
+    )
+    demo.set_defaults(handler=_cmd_demo)
+
+    info = commands.add_parser(
+        "info",
+        help="describe NIfTI files: shape, dtype, voxel sizes, orientation, affine, intensities",
+        description=(
+            "For each file: the stored shape and on-disk dtype, the scaling (scl_slope / "
+            "scl_inter), voxel sizes, orientation codes (the file's own and after canonical "
+            "RAS+ reorientation), the affine, and the intensity range. An unreadable file is "
+            "reported in one line and the next file is read; the exit status is 1 if any failed."
+        ),
+    )
+    info.add_argument(
+        "files", nargs="+", metavar="FILE", help="NIfTI files (.nii, .nii.gz, .hdr/.img)"
+    )
+    info.set_defaults(handler=_cmd_info)
+
+    predict = commands.add_parser(
+        "predict",
+        help="run a saved model on a NIfTI scan, writing the result in the scan's space",
+        description=(
+            "Run MODEL (a .keras file or an exported SavedModel folder) on a scan and write "
+            "the prediction as a NIfTI file on the scan's own grid (same shape, affine and "
+            "voxel order). Several IN files are the modalities of one subject, in the channel "
+            "order the model was trained with. Large scans are predicted in overlapping "
+            "windows (--patch-size), blended."
+        ),
+    )
+    predict.add_argument(
+        "model", metavar="MODEL", help="a .keras file or an exported SavedModel folder"
+    )
+    predict.add_argument("inputs", nargs="+", metavar="IN", help="the scan (or its modalities)")
+    predict.add_argument(
+        "output_path", metavar="OUT", help="the NIfTI file to write (.nii or .nii.gz)"
+    )
+    predict.add_argument(
+        "--patch-size",
+        type=_positive_int,
+        nargs=3,
+        metavar=("X", "Y", "Z"),
+        help="sliding-window size (default: the model's fixed input size, else the whole scan)",
+    )
+    predict.add_argument(
+        "--overlap",
+        type=_fraction,
+        default=0.5,
+        metavar="F",
+        help="overlap of neighbouring windows, in [0, 1) (default: %(default)s)",
+    )
+    predict.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=2,
+        metavar="N",
+        help="windows per model call (default: %(default)s)",
+    )
+    predict.add_argument(
+        "--output",
+        choices=("labels", "probabilities"),
+        default="labels",
+        help="labels: argmax, or probability > --threshold for one channel; probabilities: "
+        "the model's float output (default: %(default)s)",
+    )
+    predict.add_argument(
+        "--threshold",
+        type=float,
+        default=0.5,
+        metavar="T",
+        help="threshold of a one-channel output for --output labels (default: %(default)s)",
+    )
+    predict.add_argument(
+        "--margin",
+        type=_non_negative_int,
+        default=0,
+        metavar="M",
+        help="voxels discarded at inner window faces (default: %(default)s)",
+    )
+    predict.add_argument(
+        "--blend",
+        choices=("gaussian", "constant"),
+        default="gaussian",
+        help="weighting of overlapping windows (default: %(default)s)",
+    )
+    predict.add_argument("--overwrite", action="store_true", help="replace an existing OUT file")
+    predict.set_defaults(handler=_cmd_predict)
+
+    commands.add_parser(
+        "bench",
+        help="time the layers and data loading against MONAI, TorchIO, SciPy (see 'keras-nii bench --help')",
+        add_help=False,
+    )
+    return parser
+
+
+# --------------------------------------------------------------------------- #
+# entry point
+# --------------------------------------------------------------------------- #
+
+
+def _message(err: BaseException, path: str | None = None) -> str:
+    """One line that says what went wrong (and where)."""
+    text = str(err).strip()
+    if isinstance(err, OSError) and err.filename and err.strerror:
+        text = f"{err.filename}: {err.strerror}"
+    elif isinstance(err, ImportError) and not text:
+        text = f"cannot import {err.name}"
+    text = " ".join(text.split()) or type(err).__name__
+    if path is not None and not text.startswith(path):
+        text = f"{path}: {text}"
+    return text if len(text) <= 600 else text[:597] + "..."
+
+
+def _error(text: str) -> None:
+    print(f"{PROG}: error: {text}", file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``keras-nii`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # the command is the first word that is not an option; bench parses its own arguments
+    command_at = next((i for i, word in enumerate(argv) if not word.startswith("-")), len(argv))
+    show_traceback = "--traceback" in argv[:command_at]
+    try:
+        if command_at < len(argv) and argv[command_at] == "bench":
+            if all(word == "--traceback" for word in argv[:command_at]):
+                return _cmd_bench(argv[command_at + 1 :])
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        return int(args.handler(args) or 0)
+    except (CommandError, *_EXPECTED) as err:
+        if show_traceback:
+            raise
+        _error(_message(err))
+        return 1
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

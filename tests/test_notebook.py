@@ -1,0 +1,58 @@
+"""notebooks/quickstart.ipynb runs from top to bottom without errors."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+pytest.importorskip("matplotlib")
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
+
+
+@pytest.mark.slow
+def test_quickstart_notebook_executes(tmp_path):
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+    # the kernel must run this interpreter (the one with keras-nii installed):
+    # jupyter_client starts a "python" kernelspec with sys.executable
+    nb.cells.append(nbformat.v4.new_code_cell("import sys; print(sys.executable)"))
+    client = nbclient.NotebookClient(
+        nb,
+        timeout=300,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(tmp_path)}},  # the kernel's working folder
+    )
+    client.execute()  # raises CellExecutionError on the first failing cell
+
+    errors = [
+        o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"
+    ]
+    assert not errors
+    assert nb.cells[-1].outputs[0]["text"].strip() == sys.executable
+
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "prediction (24, 24, 24) LPS | same affine: True" in text
+    assert "mask dtype after augmentation: int32" in text
+    images = [
+        o
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.outputs
+        if "image/png" in o.get("data", {})
+    ]
+    assert len(images) == 4
+    # nothing was written next to the notebook or in the working folder
+    assert not any(tmp_path.iterdir())
+
+
+def test_stored_notebook_has_outputs():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.execution_count for c in code), "the stored notebook must be executed"
+    assert not any(o.output_type == "error" for c in code for o in c.outputs)
