@@ -325,7 +325,14 @@ class RandomGamma(_IntensityLayer):
         span = ops.max(x, axis=_SPATIAL_AXES, keepdims=True) - low
         unit = (x - low) / (span + self.EPSILON)
         gamma = broadcast_per_sample(transformation["gamma"], x)
-        out = low + span * ops.power(unit, gamma)
+        # unit ** gamma as exp(gamma * log(unit)): ops.power is 1.5-3x slower on
+        # CPU (under XLA and in TF graphs). unit is clipped away from 0 so that the
+        # log (and its gradient) stays finite; unit == 0 still maps to 0
+        # exactly, as 0 ** gamma does, so each minimum stays where it was.
+        tiny = float(np.finfo(keras.backend.standardize_dtype(x.dtype)).tiny)
+        curve = ops.exp(gamma * ops.log(ops.maximum(unit, tiny)))
+        curve = ops.where(unit > 0, curve, ops.zeros_like(curve))
+        out = low + span * curve
         return _select(transformation["apply"], out, images)
 
     def get_config(self) -> dict:

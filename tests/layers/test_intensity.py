@@ -162,6 +162,24 @@ def test_gamma_one_is_the_identity_and_two_is_the_formula(rng):
     np.testing.assert_allclose(out.max(axis=(1, 2, 3)), images.max(axis=(1, 2, 3)), atol=1e-5)
 
 
+def test_gamma_keeps_each_minimum_exactly(rng):
+    # unit == 0 maps to exactly 0, as 0 ** gamma does: the minimum voxel of every
+    # sample's channel keeps its value bit for bit (0 stays 0), for any gamma
+    images = np.abs(volume(rng, channels=2))
+    images[0, ..., 0] -= images[0, ..., 0].min()  # a channel whose minimum is 0
+    images[1, ..., 1] = images[1, ..., 1] * 1e-30  # tiny values: clipped logs stay finite
+    for gamma in (0.5, 1.0, 2.0):
+        _, out = draw_and_apply(RandomGamma(gamma=(gamma, gamma), seed=0), images)
+        assert np.all(np.isfinite(out))
+        for b in range(images.shape[0]):
+            for c in range(images.shape[-1]):
+                at = images[b, ..., c] == images[b, ..., c].min()
+                np.testing.assert_array_equal(out[b, ..., c][at], images[b, ..., c][at])
+        np.testing.assert_allclose(
+            out, gamma_reference(images, np.full(images.shape[0], gamma)), rtol=1e-5, atol=1e-5
+        )
+
+
 def test_gamma_draws_log_uniformly_in_the_range(rng):
     images = volume(rng, batch=2)
     t, out = draw_and_apply(RandomGamma(gamma=(0.5, 2.0), seed=1), images)
