@@ -167,6 +167,73 @@ def test_zscore_constant_and_all_zero_volumes_are_finite(nonzero):
     np.testing.assert_allclose(out, expected, atol=1e-7)
 
 
+def test_zscore_sparse_foreground_that_the_shift_subsample_misses(rng):
+    # the shift is taken from every 4th voxel along each axis; here sample 0's
+    # non-zero voxels all lie off that grid (the whole volume is searched
+    # instead), sample 1's foreground is constant, sample 2 is on the grid
+    x = np.zeros((3, 9, 9, 9, 1), "float32")
+    x[0, 1::4, 2::4, 3::4] = rng.normal(-1000, 2, size=x[0, 1::4, 2::4, 3::4].shape)
+    x[1, 1::2, 1::2, 1::2] = 0.1  # constant, not exactly representable, off the grid
+    x[2, ::4, ::4, ::4] = rng.normal(5, 1, size=x[2, ::4, ::4, ::4].shape)
+    layer = ZScoreNormalization(nonzero=True)
+    for fn in (layer, compiled(lambda t: layer(t))):
+        out = to_numpy(fn(x))
+        np.testing.assert_allclose(out, zscore_reference(x, nonzero=True), rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(out[1], 0)  # constant foreground: exactly 0
+        assert np.all(out[x == 0] == 0)
+        for b in (0, 2):
+            inside = out[b][x[b] != 0]
+            assert abs(inside.mean()) < 1e-5 and abs(inside.std() - 1) < 1e-4
+
+
+@pytest.mark.parametrize("nonzero", [False, True])
+def test_zscore_compiled_matches_numpy_and_keeps_constants_exact(rng, nonzero):
+    x = rng.normal(300, 40, size=(3, 12, 10, 8, 2)).astype("float32")
+    x[:, :3] = 0
+    x[1] = 1000.3  # constant
+    x[2, ..., 1] = -1024.0  # a constant channel (CT air)
+    for per_channel in (True, False):
+        layer = ZScoreNormalization(nonzero=nonzero, per_channel=per_channel)
+        out = to_numpy(compiled(lambda t, layer=layer: layer(t))(x))
+        expected = zscore_reference(x, nonzero=nonzero, per_channel=per_channel)
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(out[1], 0)
+        if per_channel:
+            np.testing.assert_array_equal(out[2, ..., 1], 0)
+
+
+def test_zscore_large_offset_small_spread_keeps_precision(rng):
+    # CT-like: a large offset, a spread 1e5 times smaller (float32 resolves
+    # ~6e-5 at 1000): the shift by a voxel value keeps the z-scores accurate
+    x = (-1000.0 + rng.normal(0, 0.01, size=(2, 16, 16, 16, 1))).astype("float32")
+    layer = ZScoreNormalization()
+    for fn in (layer, compiled(lambda t: layer(t))):
+        out = to_numpy(fn(x))
+        np.testing.assert_allclose(out, zscore_reference(x), atol=2e-4)
+        assert abs(out.std() - 1) < 1e-4
+
+
+@tensorflow_only
+def test_zscore_dynamic_shapes_in_graph_and_data(rng):
+    import tensorflow as tf
+
+    layer = ZScoreNormalization(nonzero=True)
+    fn = tf.function(
+        lambda t: layer(t), input_signature=[tf.TensorSpec((None, None, None, None, 1))]
+    )
+    for shape in [(1, 5, 6, 7, 1), (2, 9, 4, 3, 1), (1, 1, 1, 1, 1)]:
+        x = rng.normal(10, 2, size=shape).astype("float32")
+        x[..., :1, :] = 0
+        np.testing.assert_allclose(
+            fn(x).numpy(), zscore_reference(x, nonzero=True), rtol=1e-5, atol=1e-5
+        )
+    x = rng.normal(10, 2, size=(4, 6, 6, 6, 1)).astype("float32")
+    x[1] = 0
+    batches = tf.data.Dataset.from_tensor_slices(x).batch(2).map(layer)
+    out = np.concatenate([b.numpy() for b in batches])
+    np.testing.assert_allclose(out, zscore_reference(x, nonzero=True), rtol=1e-5, atol=1e-5)
+
+
 def test_zscore_masks_untouched_and_training_false_applies(rng):
     x = rng.normal(3, 2, size=(2, 6, 7, 8, 1)).astype("float32")
     mask = rng.integers(0, 3, size=(2, 6, 7, 8, 1)).astype("int32")
