@@ -56,7 +56,8 @@ def center_crop_or_pad(array: np.ndarray, shape: Sequence[int]) -> np.ndarray:
         shape: the target ``(x, y, z)``.
 
     Returns:
-        A new array of shape ``(*shape, *array.shape[3:])`` and ``array``'s dtype.
+        A new C-ordered array of shape ``(*shape, *array.shape[3:])`` and
+        ``array``'s dtype.
 
     Example:
 
@@ -69,21 +70,72 @@ def center_crop_or_pad(array: np.ndarray, shape: Sequence[int]) -> np.ndarray:
         raise ValueError(f"shape must be 3 positive integers (x, y, z), got {shape!r}")
     if array.ndim < 3:
         raise ValueError(f"array must have at least 3 dimensions, got shape {array.shape}")
-    crop = []
-    pad = []
-    for size, want in zip(array.shape[:3], target, strict=True):
-        if size >= want:
-            start = (size - want) // 2
-            crop.append(slice(start, start + want))
-            pad.append((0, 0))
+    source, destination, padded = _crop_or_pad_windows(array.shape[:3], target)
+    out = (np.zeros if padded else np.empty)((*target, *array.shape[3:]), array.dtype)
+    _copy_reordered(out[destination], array[source])
+    return out
+
+
+def _crop_or_pad_windows(
+    size: Sequence[int], target: Sequence[int]
+) -> tuple[tuple[slice, ...], tuple[slice, ...], bool]:
+    """The windows of :func:`center_crop_or_pad`: ``out[destination] =
+    array[source]``, the rest of ``out`` zeros; and whether anything is padded."""
+    source, destination, padded = [], [], False
+    for have, want in zip(size, target, strict=True):
+        if have >= want:
+            start = (have - want) // 2
+            source.append(slice(start, start + want))
+            destination.append(slice(None))
         else:
-            before = (want - size) // 2
-            crop.append(slice(None))
-            pad.append((before, want - size - before))
-    out = array[tuple(crop)]
-    if any(p != (0, 0) for p in pad):
-        out = np.pad(out, pad + [(0, 0)] * (array.ndim - 3), mode="constant")
-    return np.array(out, copy=True) if out.base is not None else out
+            before = (want - have) // 2
+            source.append(slice(None))
+            destination.append(slice(before, before + have))
+            padded = True
+    return tuple(source), tuple(destination), padded
+
+
+#: _copy_reordered copies slabs of this many z planes ...
+_SLAB = 16
+#: ... cut along y so that the part of a slab read from the source stays in cache
+_SLAB_BYTES = 256 * 1024
+
+
+def _copy_reordered(destination: np.ndarray, source: np.ndarray) -> None:
+    """``destination[...] = source`` for a C-ordered destination and a source in
+    any memory layout (at least 3 dimensions, the spatial axes first).
+
+    nibabel decodes NIfTI data in Fortran order (x fastest; see
+    :class:`keras_nii.io.Volume`), while batches are C-ordered (z fastest):
+    copying one into the other is a 3D transpose, which NumPy does element by
+    element, striding through the source a whole plane at a time: ~6 ms for a
+    128^3 float32 volume, ~9 ms when reorientation flipped it. Copied by
+    blocks of 16 z planes (cut along y to ~256 KB of source), every block's
+    source and destination lines stay in cache: ~2 ms, whatever the flips;
+    ~10 ms instead of ~80 ms for 256 x 256 x 160. Sources already laid out
+    like the destination (z fastest) are copied in one go.
+    """
+    shape = source.shape
+    spatial = zip(source.strides[:3], shape[:3], strict=True)
+    strides = [abs(stride) if n > 1 else np.inf for stride, n in spatial]
+    if source.flags.c_contiguous or int(np.argmin(strides)) == 2 or 0 in shape:
+        destination[...] = source
+        return
+    row_bytes = shape[0] * _SLAB * source.itemsize * math.prod(shape[3:])
+    rows = max(1, min(shape[1], _SLAB_BYTES // row_bytes))
+    for j in range(0, shape[1], rows):
+        for k in range(0, shape[2], _SLAB):
+            block = (slice(None), slice(j, j + rows), slice(k, k + _SLAB))
+            destination[block] = source[block]
+
+
+def _c_ordered(array: np.ndarray) -> np.ndarray:
+    """``array`` in C order: itself if it is, else a copy made by tiles."""
+    if array.flags.c_contiguous:
+        return array
+    out = np.empty(array.shape, array.dtype)
+    _copy_reordered(out, array)
+    return out
 
 
 def _is_pathlike(value: Any) -> bool:
@@ -344,14 +396,14 @@ class NiftiDataset(keras.utils.PyDataset):
         subjects = self._order[index * self.batch_size : (index + 1) * self.batch_size]
         xs, ys = [], []
         for subject in subjects:
-            x, y = self._sample(int(subject))
-            xs.append(x)
-            ys.append(y)
-        x = self._stack(xs, subjects, [self.images[int(s)][0] for s in subjects])
+            modalities, y = self._sample(int(subject))
+            xs.append(modalities)
+            ys.append([y])
+        x = self._assemble(xs, subjects, [self.images[int(s)][0] for s in subjects], np.float32)
         if self.label_kind == "none":
             return x
         if self.label_kind == "masks":
-            y = self._stack(ys, subjects, [self.labels[int(s)] for s in subjects])
+            y = self._assemble(ys, subjects, [self.labels[int(s)] for s in subjects], np.int32)
         else:
             y = self.labels[subjects]
         return x, y
@@ -426,7 +478,12 @@ class NiftiDataset(keras.utils.PyDataset):
         return state
 
     def _load(self, path: str, dtype: str) -> tuple[np.ndarray, np.ndarray]:
-        """The decoded (reoriented, uncropped) array and affine of one file."""
+        """The decoded (reoriented, uncropped) array and affine of one file.
+
+        Without a cache the array is load_nifti's, in nibabel's layout: the
+        batch assembly reorders it once, into the batch. Cached arrays are
+        kept C-ordered, so that a cached batch is a plain copy.
+        """
         if self.cache is None:
             vol = load_nifti(path, canonical=self.canonical, dtype=dtype)
             return vol.array, vol.affine
@@ -435,7 +492,7 @@ class NiftiDataset(keras.utils.PyDataset):
             hit = self._memory.get((path, digest))
             if hit is None:
                 vol = load_nifti(path, canonical=self.canonical, dtype=dtype)
-                hit = (vol.array, vol.affine)
+                hit = (_c_ordered(vol.array), vol.affine)
                 self._memory[(path, digest)] = hit
             return hit
         base = os.path.join(self.cache, f"{stem}-{digest}")
@@ -449,25 +506,28 @@ class NiftiDataset(keras.utils.PyDataset):
         except (OSError, ValueError, KeyError, EOFError):
             pass  # not cached yet, or a damaged entry: read the source again
         vol = load_nifti(path, canonical=self.canonical, dtype=dtype)
+        array = _c_ordered(vol.array)
         meta = {
             "source": os.path.abspath(path),
             "canonical": self.canonical,
             "dtype": dtype,
-            "shape": list(vol.array.shape),
+            "shape": list(array.shape),
             "affine": vol.affine.tolist(),
         }
         try:
             # the .json first: an entry counts as cached once its .npy exists
             _atomic_write(base + ".json", lambda f: f.write(json.dumps(meta).encode()))
-            _atomic_write(base + ".npy", lambda f: np.save(f, vol.array, allow_pickle=False))
+            _atomic_write(base + ".npy", lambda f: np.save(f, array, allow_pickle=False))
         except OSError as err:
             warnings.warn(
                 f"NiftiDataset: cannot write the cache entry of {path} in {self.cache}: {err}",
                 stacklevel=2,
             )
-        return vol.array, vol.affine
+        return array, vol.affine
 
-    def _sample(self, subject: int) -> tuple[np.ndarray, np.ndarray | None]:
+    def _sample(self, subject: int) -> tuple[list[np.ndarray], np.ndarray | None]:
+        """The arrays of one subject, as loaded (uncropped, in any layout): its
+        modalities (checked to share a grid) and its label map or ``None``."""
         files = self.images[subject]
         arrays = []
         ref_array, ref_affine = None, None
@@ -480,7 +540,6 @@ class NiftiDataset(keras.utils.PyDataset):
                     subject, files[0], ref_array, ref_affine, path, array, affine, "modality"
                 )
             arrays.append(array)
-        x = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=-1)
         y = None
         if self.label_kind == "masks":
             mask_path = self.labels[subject]
@@ -488,23 +547,40 @@ class NiftiDataset(keras.utils.PyDataset):
             _check_same_grid(
                 subject, files[0], ref_array, ref_affine, mask_path, y, mask_affine, "label map"
             )
-        if self.shape is not None:
-            x = center_crop_or_pad(x, self.shape)
-            if y is not None:
-                y = center_crop_or_pad(y, self.shape)
-        return x, y
+        return arrays, y
 
-    def _stack(self, arrays: list[np.ndarray], subjects, paths: list[str]) -> np.ndarray:
-        first = arrays[0].shape
-        for array, path, subject in zip(arrays, paths, subjects, strict=True):
-            if array.shape != first:
+    def _assemble(
+        self, samples: list[list[np.ndarray]], subjects, paths: list[str], dtype: Any
+    ) -> np.ndarray:
+        """One C-ordered batch from each sample's arrays (modalities become
+        channels, in order), center cropped / zero padded to ``shape``.
+
+        The batch is allocated once and every volume is copied into it once,
+        cropping and reordering (see :func:`_copy_reordered`) on the way: no
+        concatenated, cropped or stacked intermediates.
+        """
+        shapes = [(*parts[0].shape[:3], sum(p.shape[3] for p in parts)) for parts in samples]
+        if self.shape is not None:
+            shapes = [(*self.shape, shape[3]) for shape in shapes]
+        first = shapes[0]
+        for shape, path, subject in zip(shapes, paths, subjects, strict=True):
+            if shape != first:
                 raise ValueError(
                     f"volumes of different shapes in one batch: {paths[0]} is {first[:3]} with "
                     f"{first[3]} channel(s), {path} (subject {int(subject)}) is "
-                    f"{array.shape[:3]} with {array.shape[3]} channel(s); pass shape=(x, y, z) "
+                    f"{shape[:3]} with {shape[3]} channel(s); pass shape=(x, y, z) "
                     "to crop/pad them to one shape, or use batch_size=1"
                 )
-        return np.stack(arrays)
+        windows = [_crop_or_pad_windows(parts[0].shape[:3], first[:3]) for parts in samples]
+        padded = any(window[2] for window in windows)
+        batch = (np.zeros if padded else np.empty)((len(samples), *first), dtype)
+        for i, (parts, (source, destination, _)) in enumerate(zip(samples, windows, strict=True)):
+            channel = 0
+            for part in parts:
+                channels = slice(channel, channel + part.shape[3])
+                _copy_reordered(batch[(i, *destination, channels)], part[source])
+                channel = channels.stop
+        return batch
 
 
 def _check_same_grid(subject, path_a, array_a, affine_a, path_b, array_b, affine_b, what):

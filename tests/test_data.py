@@ -402,6 +402,71 @@ def test_crop_pad_keeps_image_and_mask_aligned(tmp_path, target):
     assert y.sum() > 0
 
 
+def _layouts(a):
+    """``a`` (x, y, z, c) in memory layouts a reader can produce, same values."""
+    fortran = np.asfortranarray(a)
+    yield "C", np.ascontiguousarray(a)
+    yield "Fortran", fortran
+    flipped = np.asfortranarray(a[::-1, :, ::-1])
+    yield "Fortran, flipped", flipped[::-1, :, ::-1]
+    swapped = np.asfortranarray(np.transpose(a, (1, 0, 2, 3)))
+    yield "Fortran, x and y swapped", np.transpose(swapped, (1, 0, 2, 3))
+    last = np.asfortranarray(np.transpose(a, (2, 1, 0, 3)))
+    yield "z fastest, not contiguous", np.transpose(last, (2, 1, 0, 3))[:, :, :, :]
+
+
+@pytest.mark.parametrize(
+    "shape", [(5, 6, 7, 1), (40, 3, 37, 2), (17, 33, 16, 1), (1, 1, 1, 1), (33, 20, 1, 3)]
+)
+@pytest.mark.parametrize("dtype", ["float32", "int32", "uint8"])
+def test_copy_reordered_any_layout_into_any_window(shape, dtype):
+    a = (np.random.default_rng(0).random(shape) * 200).astype(dtype)
+    for name, source in _layouts(a):
+        np.testing.assert_array_equal(source, a, err_msg=name)
+        out = np.full(shape, 7, dtype)
+        kdata._copy_reordered(out, source)
+        np.testing.assert_array_equal(out, a, err_msg=name)
+        # into a window of a bigger C-ordered batch (a sample, a crop, channels)
+        batch = np.zeros((2, shape[0] + 3, shape[1] + 2, shape[2] + 5, shape[3] + 1), dtype)
+        window = (1, slice(1, -2), slice(2, None), slice(5, None), slice(1, None))
+        kdata._copy_reordered(batch[window], source)
+        np.testing.assert_array_equal(batch[window], a, err_msg=name)
+        batch[window] = 0
+        assert not batch.any(), f"{name}: wrote outside the window"
+        assert kdata._c_ordered(source).flags.c_contiguous
+        np.testing.assert_array_equal(kdata._c_ordered(source), a, err_msg=name)
+
+
+@pytest.mark.parametrize("cache", [None, "memory", "dir"])
+def test_batches_are_c_ordered_whatever_the_file_orientation(tmp_path, cache):
+    # nibabel decodes Fortran-ordered data, reorientation flips and swaps it:
+    # batches are still plain C-ordered arrays holding the RAS+ volumes
+    ornt = nib.orientations
+    rng = np.random.default_rng(3)
+    images, masks, expected_x, expected_y = [], [], [], []
+    for i, codes in enumerate(["RAS", "LPS", "SRA", "ILP"]):
+        canonical = rng.random((18, 20, 22, 1)).astype(np.float32)
+        # stored with voxel axes along ``codes``: load_nifti must give ``canonical`` back
+        to_file = ornt.ornt_transform(ornt.axcodes2ornt("RAS"), ornt.axcodes2ornt(codes))
+        source = ornt.apply_orientation(canonical[..., 0], to_file)
+        affine = ornt.inv_ornt_aff(to_file, canonical.shape[:3])
+        images.append(write(tmp_path / f"img{i}.nii.gz", source.astype(np.float32), affine))
+        masks.append(write(tmp_path / f"mask{i}.nii.gz", (source > 0.5).astype(np.uint8), affine))
+        expected_x.append(canonical)
+        expected_y.append((canonical > 0.5).astype(np.int32))
+    cache = tmp_path / "cache" if cache == "dir" else cache
+    for shape in (None, (16, 21, 25)):
+        ds = NiftiDataset(images, masks, batch_size=4, shape=shape, cache=cache)
+        for _ in range(2):  # cold, then from the cache
+            x, y = ds[0]
+            assert x.flags.c_contiguous and y.flags.c_contiguous
+            assert x.dtype == np.float32 and y.dtype == np.int32
+            ex = [e if shape is None else center_crop_or_pad(e, shape) for e in expected_x]
+            ey = [e if shape is None else center_crop_or_pad(e, shape) for e in expected_y]
+            np.testing.assert_array_equal(x, np.stack(ex))
+            np.testing.assert_array_equal(y, np.stack(ey))
+
+
 # --------------------------------------------------------------------------- shuffling
 
 

@@ -305,6 +305,30 @@ def test_synthetic_slope_inter_exact(tmp_path):
     assert_same_file(p, q)
 
 
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz", ".img"])
+@pytest.mark.parametrize("codes", ["RAS", "LPS", "SRA"])
+def test_array_is_in_memory_writable_and_any_layout(tmp_path, suffix, codes):
+    # the array keeps nibabel's memory layout (Fortran order, seen through the
+    # reorientation's flips and transposes) but is always the file's values,
+    # writable, and never a memory map of the file: the file can change or go
+    # away afterwards
+    raw = unique_data((6, 7, 8), dtype="float32")
+    p = write(tmp_path / f"v{suffix}", raw, axcodes_affine(codes))
+    vol = load_nifti(p)
+    assert_world_positions_kept(vol, raw, axcodes_affine(codes))
+    np.testing.assert_array_equal(np.ascontiguousarray(vol.array), vol.array)
+    assert vol.array.flags.writeable
+    assert not knio._maps_a_file(vol.array)
+    before = vol.array.copy()
+    write(tmp_path / f"v{suffix}", raw * 0 - 1, axcodes_affine(codes))  # the file changes
+    np.testing.assert_array_equal(vol.array, before)
+    vol.array[0, 0, 0, 0] = -5.0  # and writing into the array leaves the file alone
+    assert load_nifti(p).array.max() == -1
+    # nothing to scale: nibabel's own array is used as it is, without a copy
+    if suffix == ".nii.gz" and codes == "RAS":
+        assert vol.array.flags.f_contiguous
+
+
 def test_label_dtype_rounds(tmp_path):
     data = np.zeros((3, 4, 5), np.float32)
     data[0, 0, 0] = 0.9999
