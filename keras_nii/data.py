@@ -282,6 +282,10 @@ class NiftiDataset(keras.utils.PyDataset):
     orders. Without it, batches follow the given order (the last batch may be
     smaller), so ``predict`` outputs line up with ``images``.
 
+    Every batch is a new C-ordered array, filled with one copy of each volume
+    (cropped or padded, and reordered from nibabel's Fortran order, on the
+    way).
+
     Caching keeps decoded volumes (after reorientation, before cropping):
 
     - ``cache="memory"``: in a dict, in this process. With
