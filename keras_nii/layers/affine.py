@@ -45,7 +45,9 @@ from keras import ops
 
 from keras_nii.layers.base import (
     VolumeLayer,
+    check_bool,
     check_choice,
+    check_number,
     check_per_axis_range,
     check_probability,
     register,
@@ -84,18 +86,6 @@ def _check_shear(name: str, value: Any) -> Ranges:
                 f"{name} angles must lie strictly within (-90, 90) degrees, got {value!r}"
             )
     return ranges
-
-
-def _check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-    return value
-
-
-def _check_number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
 
 
 def _as_list(ranges: Ranges) -> list[list[float]]:
@@ -252,8 +242,8 @@ class RandomAffine3D(VolumeLayer):
         self.shear = _check_shear("shear", shear)
         self.interpolation = check_choice("interpolation", interpolation, INTERPOLATIONS)
         self.fill_mode = check_choice("fill_mode", fill_mode, FILL_MODES)
-        self.fill_value = _check_number("fill_value", fill_value)
-        self.isotropic = _check_bool("isotropic", isotropic)
+        self.fill_value = check_number("fill_value", fill_value)
+        self.isotropic = check_bool("isotropic", isotropic)
         if self.isotropic and len(set(self.scales)) != 1:
             raise ValueError(
                 f"isotropic=True draws one zoom factor for all axes: scales must be one "

@@ -27,12 +27,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import keras
+import numpy as np
 from keras import ops
 
 __all__ = [
     "VolumeLayer",
     "IMAGES",
     "MASKS",
+    "check_bool",
+    "check_number",
     "check_probability",
     "check_range",
     "check_shape",
@@ -57,6 +60,24 @@ def check_probability(name: str, value: Any) -> float:
     """A probability in [0, 1], or a ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
         raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """True or False (a NumPy bool too), or a ValueError naming ``name``."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def check_number(name: str, value: Any) -> float:
+    """A finite real number (a NumPy scalar too), or a ValueError naming ``name``."""
+    if (
+        isinstance(value, (bool, np.bool_))
+        or not isinstance(value, (int, float, np.integer, np.floating))
+        or not math.isfinite(value)
+    ):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
     return float(value)
 
 

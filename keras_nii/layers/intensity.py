@@ -23,6 +23,8 @@ from keras_nii.layers.base import (
     MASKS,
     VolumeLayer,
     broadcast_per_sample,
+    check_bool,
+    check_number,
     check_per_axis_range,
     check_probability,
     check_range,
@@ -58,22 +60,6 @@ def _select(apply: Any, new: Any, images: Any) -> Any:
     """Per sample: ``new`` where ``apply``, else the untouched ``images``."""
     new = ops.cast(new, images.dtype)
     return ops.where(ops.reshape(apply, (-1, 1, 1, 1, 1)), new, images)
-
-
-def _check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-    return bool(value)
-
-
-def _check_number(name: str, value: Any) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float, np.integer, np.floating))
-        or not math.isfinite(value)
-    ):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
 
 
 def _check_order(name: str, value: Any) -> int:
@@ -176,7 +162,7 @@ class RandomIntensityShift(_PerChannelLayer):
     ):
         super().__init__(probability=probability, data_format=data_format, seed=seed, **kwargs)
         self.offset = check_range("offset", offset)
-        self.per_channel = _check_bool("per_channel", per_channel)
+        self.per_channel = check_bool("per_channel", per_channel)
 
     def transform_images(self, images: Any, transformation: Any) -> Any:
         x = _work(images)
@@ -239,7 +225,7 @@ class RandomIntensityScale(_PerChannelLayer):
     ):
         super().__init__(probability=probability, data_format=data_format, seed=seed, **kwargs)
         self.factor = check_range("factor", factor, symmetric_about=1.0, minimum=0.0)
-        self.per_channel = _check_bool("per_channel", per_channel)
+        self.per_channel = check_bool("per_channel", per_channel)
 
     def transform_images(self, images: Any, transformation: Any) -> Any:
         x = _work(images)
@@ -396,7 +382,7 @@ class RandomGaussianNoise(_IntensityLayer):
     ):
         super().__init__(probability=probability, data_format=data_format, seed=seed, **kwargs)
         self.std = check_range("std", std, symmetric_about=None, minimum=0.0)
-        self.mean = _check_number("mean", mean)
+        self.mean = check_number("mean", mean)
 
     def get_random_transformation(self, batch_size: Any, spatial_shape: Sequence[Any]) -> Any:
         low, high = self.std

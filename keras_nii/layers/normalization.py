@@ -17,25 +17,13 @@ from typing import Any
 import keras
 from keras import ops
 
-from keras_nii.layers.base import VolumeLayer, check_range, register
+from keras_nii.layers.base import VolumeLayer, check_bool, check_number, check_range, register
 
 __all__ = ["ZScoreNormalization", "MinMaxNormalization", "IntensityWindow"]
 
 
 # ----------------------------------------------------------------------------
 # argument parsing
-
-
-def _check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-    return value
-
-
-def _check_number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
 
 
 def _check_interval(name: str, value: Any, **bounds: Any) -> tuple[float, float]:
@@ -136,9 +124,9 @@ class ZScoreNormalization(VolumeLayer):
         **kwargs: Any,
     ):
         super().__init__(data_format=data_format, **kwargs)
-        self.nonzero = _check_bool("nonzero", nonzero)
-        self.per_channel = _check_bool("per_channel", per_channel)
-        epsilon = _check_number("epsilon", epsilon)
+        self.nonzero = check_bool("nonzero", nonzero)
+        self.per_channel = check_bool("per_channel", per_channel)
+        epsilon = check_number("epsilon", epsilon)
         if epsilon <= 0:
             raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
         self.epsilon = epsilon
@@ -264,8 +252,8 @@ class MinMaxNormalization(VolumeLayer):
         if percentiles is not None:
             percentiles = _check_interval("percentiles", percentiles, minimum=0.0, maximum=100.0)
         self.percentiles = percentiles
-        self.clip = _check_bool("clip", clip)
-        self.per_channel = _check_bool("per_channel", per_channel)
+        self.clip = check_bool("clip", clip)
+        self.per_channel = check_bool("per_channel", per_channel)
 
     def _bounds(self, x: Any) -> tuple[Any, Any]:
         axes = _reduction_axes(self.per_channel)
@@ -356,12 +344,12 @@ class IntensityWindow(VolumeLayer):
         **kwargs: Any,
     ):
         super().__init__(data_format=data_format, **kwargs)
-        self.minval = _check_number("minval", minval)
-        self.maxval = _check_number("maxval", maxval)
+        self.minval = check_number("minval", minval)
+        self.maxval = check_number("maxval", maxval)
         if not self.minval < self.maxval:
             raise ValueError(f"minval must be < maxval, got minval={minval!r}, maxval={maxval!r}")
         self.output_range = _check_interval("output_range", output_range)
-        self.clip = _check_bool("clip", clip)
+        self.clip = check_bool("clip", clip)
 
     def transform_images(self, images: Any, transformation: Any) -> Any:
         dtype = images.dtype
