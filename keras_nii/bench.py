@@ -330,7 +330,9 @@ class _Context:
         states) the JAX runner threads through.
         """
         if self.backend == "tensorflow":
-            modes = [("tensorflow XLA", True)] + ([("tensorflow graph", False)] if graph_row else [])
+            modes = [("tensorflow XLA", True)] + (
+                [("tensorflow graph", False)] if graph_row else []
+            )
         else:
             modes = [("jax jit", True)]
         for i, (runtime, jit) in enumerate(modes):
@@ -518,7 +520,9 @@ def _bench_flip(ctx: _Context) -> None:
         "flip",
         "image+mask",
         make,
-        lambda: dict(zip(("images", "segmentation_masks"), ctx.tensors(images, masks), strict=True)),
+        lambda: dict(
+            zip(("images", "segmentation_masks"), ctx.tensors(images, masks), strict=True)
+        ),
         reference=True,
     )
     ctx.keras_rows("flip", "image", make, lambda: ctx.tensors(images), graph_row=False)
@@ -531,8 +535,15 @@ def _bench_flip(ctx: _Context) -> None:
         vols, mvols = ctx.torch_volumes()
         return lambda: [tfm({"image": v, "label": m}) for v, m in zip(vols, mvols, strict=True)]
 
-    ctx.add("flip", "image+mask", "MONAI", "torch", _lazy(ctx.torch_threads), monai,
-            note="RandFlipd per axis")
+    ctx.add(
+        "flip",
+        "image+mask",
+        "MONAI",
+        "torch",
+        _lazy(ctx.torch_threads),
+        monai,
+        note="RandFlipd per axis",
+    )
 
     def torchio() -> Callable[[], Any]:
         tio = _try_import("torchio")
@@ -549,7 +560,9 @@ def _bench_flip(ctx: _Context) -> None:
             out = []
             for v, m in zip(images, masks, strict=True):
                 axes = tuple(a for a in range(3) if rng.random() < 0.5)
-                out.append((np.ascontiguousarray(np.flip(v, axes)), np.ascontiguousarray(np.flip(m, axes))))
+                out.append(
+                    (np.ascontiguousarray(np.flip(v, axes)), np.ascontiguousarray(np.flip(m, axes)))
+                )
             return out
 
         return run
@@ -587,7 +600,9 @@ def _bench_affine(ctx: _Context) -> None:
             )
             vols, mvols = ctx.torch_volumes()
             if with_mask:
-                return lambda: [tfm({"image": v, "label": m}) for v, m in zip(vols, mvols, strict=True)]
+                return lambda: [
+                    tfm({"image": v, "label": m}) for v, m in zip(vols, mvols, strict=True)
+                ]
             return lambda: [tfm({"image": v}) for v in vols]
 
         return setup
@@ -614,7 +629,9 @@ def _bench_affine(ctx: _Context) -> None:
                     offset = centre - matrix @ centre
                     img = ndimage.affine_transform(v[..., 0], matrix, offset, order=1)
                     if with_mask:
-                        out.append((img, ndimage.affine_transform(m[..., 0], matrix, offset, order=0)))
+                        out.append(
+                            (img, ndimage.affine_transform(m[..., 0], matrix, offset, order=0))
+                        )
                     else:
                         out.append(img)
                 return out
@@ -625,12 +642,32 @@ def _bench_affine(ctx: _Context) -> None:
 
     for with_mask in (True, False):
         variant = "image+mask" if with_mask else "image"
-        ctx.add("affine", variant, "MONAI", "torch", _lazy(ctx.torch_threads), monai(with_mask),
-                note="RandAffined")
-        ctx.add("affine", variant, "TorchIO", "torch+SimpleITK",
-                _lazy(lambda: f"{ctx.torch_threads()}/{ctx.itk_threads()}"), torchio(with_mask))
-        ctx.add("affine", variant, "SciPy", "scipy.ndimage", "1", scipy_ref(with_mask),
-                note="affine_transform order=1 (+ order=0 mask)")
+        ctx.add(
+            "affine",
+            variant,
+            "MONAI",
+            "torch",
+            _lazy(ctx.torch_threads),
+            monai(with_mask),
+            note="RandAffined",
+        )
+        ctx.add(
+            "affine",
+            variant,
+            "TorchIO",
+            "torch+SimpleITK",
+            _lazy(lambda: f"{ctx.torch_threads()}/{ctx.itk_threads()}"),
+            torchio(with_mask),
+        )
+        ctx.add(
+            "affine",
+            variant,
+            "SciPy",
+            "scipy.ndimage",
+            "1",
+            scipy_ref(with_mask),
+            note="affine_transform order=1 (+ order=0 mask)",
+        )
 
 
 def _bench_elastic(ctx: _Context) -> None:
@@ -638,7 +675,9 @@ def _bench_elastic(ctx: _Context) -> None:
 
     def make() -> tuple[Callable, list]:
         (cls,) = _layers("elastic", "RandomElasticDeformation3D")
-        layer = cls(num_control_points=ELASTIC_POINTS, max_displacement=ELASTIC_DISPLACEMENT, seed=0)
+        layer = cls(
+            num_control_points=ELASTIC_POINTS, max_displacement=ELASTIC_DISPLACEMENT, seed=0
+        )
         return _apply([layer]), [layer]
 
     paired = lambda: dict(  # noqa: E731
@@ -660,8 +699,15 @@ def _bench_elastic(ctx: _Context) -> None:
         vols, mvols = ctx.torch_volumes()
         return lambda: [tfm({"image": v, "label": m}) for v, m in zip(vols, mvols, strict=True)]
 
-    ctx.add("elastic", "image+mask", "MONAI", "torch", _lazy(ctx.torch_threads), monai,
-            note="Rand3DElasticd sigma 5-8, magnitude 100-200 (dense Gaussian-smoothed field)")
+    ctx.add(
+        "elastic",
+        "image+mask",
+        "MONAI",
+        "torch",
+        _lazy(ctx.torch_threads),
+        monai,
+        note="Rand3DElasticd sigma 5-8, magnitude 100-200 (dense Gaussian-smoothed field)",
+    )
 
     def torchio() -> Callable[[], Any]:
         tio = _try_import("torchio")
@@ -671,33 +717,51 @@ def _bench_elastic(ctx: _Context) -> None:
         subjects = _subjects(ctx, tio)
         return lambda: [tfm(s) for s in subjects]
 
-    ctx.add("elastic", "image+mask", "TorchIO", "torch+SimpleITK",
-            _lazy(lambda: f"{ctx.torch_threads()}/{ctx.itk_threads()}"), torchio)
+    ctx.add(
+        "elastic",
+        "image+mask",
+        "TorchIO",
+        "torch+SimpleITK",
+        _lazy(lambda: f"{ctx.torch_threads()}/{ctx.itk_threads()}"),
+        torchio,
+    )
 
     def scipy_ref() -> Callable[[], Any]:
         ndimage = _try_import("scipy.ndimage")
         rng = np.random.default_rng(0)
         shape = images.shape[1:4]
-        grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij"))
+        grid = np.stack(
+            np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")
+        )
 
         def run() -> list[Any]:
             out = []
             for v, m in zip(images, masks, strict=True):
-                coarse = rng.uniform(-ELASTIC_DISPLACEMENT, ELASTIC_DISPLACEMENT,
-                                     size=(3, *(ELASTIC_POINTS,) * 3)).astype(np.float32)
+                coarse = rng.uniform(
+                    -ELASTIC_DISPLACEMENT, ELASTIC_DISPLACEMENT, size=(3, *(ELASTIC_POINTS,) * 3)
+                ).astype(np.float32)
                 zoom = [n / ELASTIC_POINTS for n in shape]
                 field = np.stack([ndimage.zoom(c, zoom, order=3) for c in coarse])
                 coords = grid + field
-                out.append((
-                    ndimage.map_coordinates(v[..., 0], coords, order=1),
-                    ndimage.map_coordinates(m[..., 0], coords, order=0),
-                ))
+                out.append(
+                    (
+                        ndimage.map_coordinates(v[..., 0], coords, order=1),
+                        ndimage.map_coordinates(m[..., 0], coords, order=0),
+                    )
+                )
             return out
 
         return run
 
-    ctx.add("elastic", "image+mask", "SciPy", "scipy.ndimage", "1", scipy_ref,
-            note="cubic zoom of a coarse field + map_coordinates")
+    ctx.add(
+        "elastic",
+        "image+mask",
+        "SciPy",
+        "scipy.ndimage",
+        "1",
+        scipy_ref,
+        note="cubic zoom of a coarse field + map_coordinates",
+    )
 
 
 def _bench_intensity(ctx: _Context) -> None:
@@ -708,24 +772,43 @@ def _bench_intensity(ctx: _Context) -> None:
         shift, gamma, noise = _layers(
             "intensity", "RandomIntensityShift", "RandomGamma", "RandomGaussianNoise"
         )
-        layers = [shift(offset=0.1, seed=0), gamma(gamma=(0.7, 1.5), seed=1), noise(std=0.1, seed=2)]
+        layers = [
+            shift(offset=0.1, seed=0),
+            gamma(gamma=(0.7, 1.5), seed=1),
+            noise(std=0.1, seed=2),
+        ]
         return _apply(layers), layers
 
-    ctx.keras_rows("intensity", "shift+gamma+noise", make, lambda: ctx.tensors(unit), reference=True,
-                   note="RandomIntensityShift -> RandomGamma -> RandomGaussianNoise")
+    ctx.keras_rows(
+        "intensity",
+        "shift+gamma+noise",
+        make,
+        lambda: ctx.tensors(unit),
+        reference=True,
+        note="RandomIntensityShift -> RandomGamma -> RandomGaussianNoise",
+    )
 
     def monai() -> Callable[[], Any]:
         mt = _monai()
-        tfm = mt.Compose([
-            mt.RandShiftIntensity(offsets=0.1, prob=1.0),
-            mt.RandAdjustContrast(prob=1.0, gamma=(0.7, 1.5)),
-            mt.RandGaussianNoise(prob=1.0, std=0.1),
-        ])
+        tfm = mt.Compose(
+            [
+                mt.RandShiftIntensity(offsets=0.1, prob=1.0),
+                mt.RandAdjustContrast(prob=1.0, gamma=(0.7, 1.5)),
+                mt.RandGaussianNoise(prob=1.0, std=0.1),
+            ]
+        )
         vols, _ = ctx.torch_volumes(unit=True)
         return lambda: [tfm(v) for v in vols]
 
-    ctx.add("intensity", "shift+gamma+noise", "MONAI", "torch", _lazy(ctx.torch_threads), monai,
-            note="RandShiftIntensity + RandAdjustContrast + RandGaussianNoise")
+    ctx.add(
+        "intensity",
+        "shift+gamma+noise",
+        "MONAI",
+        "torch",
+        _lazy(ctx.torch_threads),
+        monai,
+        note="RandShiftIntensity + RandAdjustContrast + RandGaussianNoise",
+    )
 
     def torchio() -> Callable[[], Any]:
         tio = _try_import("torchio")
@@ -733,8 +816,15 @@ def _bench_intensity(ctx: _Context) -> None:
         subjects = _subjects(ctx, tio, masks=False, unit=True)
         return lambda: [tfm(s) for s in subjects]
 
-    ctx.add("intensity", "gamma+noise", "TorchIO", "torch", _lazy(ctx.torch_threads), torchio,
-            note="TorchIO has no random intensity shift: RandomGamma + RandomNoise only")
+    ctx.add(
+        "intensity",
+        "gamma+noise",
+        "TorchIO",
+        "torch",
+        _lazy(ctx.torch_threads),
+        torchio,
+        note="TorchIO has no random intensity shift: RandomGamma + RandomNoise only",
+    )
 
     def numpy_ref() -> Callable[[], Any]:
         rng = np.random.default_rng(0)
@@ -780,19 +870,51 @@ def _bench_read(ctx: _Context) -> None:
 
             return epoch
 
-        ctx.add("read", "no cache", "keras-nii", "NiftiDataset", "1", lambda: dataset(None),
-                volumes=n, reference=True, note=f"one epoch of {n} .nii.gz files, batch {ctx.batch}")
-        ctx.add("read", "memory cache", "keras-nii", "NiftiDataset", "1", lambda: dataset("memory"),
-                volumes=n, note="first call fills the cache")
-        ctx.add("read", "dir cache", "keras-nii", "NiftiDataset", "1",
-                lambda: dataset(str(Path(tmp) / "cache")), volumes=n,
-                note="first call fills the cache")
+        ctx.add(
+            "read",
+            "no cache",
+            "keras-nii",
+            "NiftiDataset",
+            "1",
+            lambda: dataset(None),
+            volumes=n,
+            reference=True,
+            note=f"one epoch of {n} .nii.gz files, batch {ctx.batch}",
+        )
+        ctx.add(
+            "read",
+            "memory cache",
+            "keras-nii",
+            "NiftiDataset",
+            "1",
+            lambda: dataset("memory"),
+            volumes=n,
+            note="first call fills the cache",
+        )
+        ctx.add(
+            "read",
+            "dir cache",
+            "keras-nii",
+            "NiftiDataset",
+            "1",
+            lambda: dataset(str(Path(tmp) / "cache")),
+            volumes=n,
+            note="first call fills the cache",
+        )
 
         def plain() -> Callable[[], Any]:
             return lambda: [nib.load(p).get_fdata(dtype=np.float32) for p in paths]
 
-        ctx.add("read", "no cache", "nibabel", "python loop", "1", plain, volumes=n,
-                note="nibabel.load(p).get_fdata(dtype=float32)")
+        ctx.add(
+            "read",
+            "no cache",
+            "nibabel",
+            "python loop",
+            "1",
+            plain,
+            volumes=n,
+            note="nibabel.load(p).get_fdata(dtype=float32)",
+        )
 
 
 def _unet(keras: Any, size: int, name: str) -> Any:
@@ -801,7 +923,9 @@ def _unet(keras: Any, size: int, name: str) -> Any:
 
     def block(x: Any, filters: int, prefix: str) -> Any:
         for i in range(2):
-            x = layers.Conv3D(filters, 3, padding="same", activation="relu", name=f"{prefix}_conv{i}")(x)
+            x = layers.Conv3D(
+                filters, 3, padding="same", activation="relu", name=f"{prefix}_conv{i}"
+            )(x)
         return x
 
     inputs = keras.Input((size, size, size, 1), name="images")
@@ -840,8 +964,16 @@ def _bench_train(ctx: _Context) -> None:
         keras.utils.set_random_seed(0)
         return step(_unet(keras, size, "unet"))
 
-    base = ctx.add("train", "no augmentation", "keras-nii", "keras fit", str(ctx.cores), plain,
-                   reference=True, note=unet_note)
+    base = ctx.add(
+        "train",
+        "no augmentation",
+        "keras-nii",
+        "keras fit",
+        str(ctx.cores),
+        plain,
+        reference=True,
+        note=unet_note,
+    )
     base["runtime"] = runtime()
 
     how: list[str] = []
@@ -874,8 +1006,15 @@ def _bench_train(ctx: _Context) -> None:
         return step(keras.Model(inputs, unet(out)))
 
     compiled.clear()
-    row = ctx.add("train", "augmented", "keras-nii", "keras fit", str(ctx.cores), augmented,
-                  note="RandomFlip3D + RandomAffine3D + RandomGaussianNoise on device")
+    row = ctx.add(
+        "train",
+        "augmented",
+        "keras-nii",
+        "keras fit",
+        str(ctx.cores),
+        augmented,
+        note="RandomFlip3D + RandomAffine3D + RandomGaussianNoise on device",
+    )
     row["runtime"] = runtime()
     if how:
         row["note"] = "; ".join([row["note"], *how])
@@ -886,7 +1025,9 @@ def _bench_train(ctx: _Context) -> None:
         extra = row["ms_per_call"] - base["ms_per_call"]
         row["augmentation_overhead_ms_per_step"] = extra
         row["augmentation_overhead_percent"] = 100.0 * extra / base["ms_per_call"]
-        row["note"] += f"; augmentation adds {extra:.1f} ms/step ({row['augmentation_overhead_percent']:.0f} %)"
+        row["note"] += (
+            f"; augmentation adds {extra:.1f} ms/step ({row['augmentation_overhead_percent']:.0f} %)"
+        )
 
 
 # --------------------------------------------------------------------------- #
@@ -1018,8 +1159,13 @@ def _fill_ratios(rows: list[Row]) -> None:
                 row["ratio"] = row["ms_per_volume"] / ref["ms_per_volume"]
 
 
-def _find(rows: list[Row], operation: str, variant: str | None = None, library: str | None = None,
-          reference: bool | None = None) -> Row | None:
+def _find(
+    rows: list[Row],
+    operation: str,
+    variant: str | None = None,
+    library: str | None = None,
+    reference: bool | None = None,
+) -> Row | None:
     for row in rows:
         if (
             row["operation"] == operation
@@ -1037,7 +1183,9 @@ def check_targets(rows: list[Row]) -> list[dict[str, Any]]:
     """The project's speed targets, for the rows that were measured."""
     out: list[dict[str, Any]] = []
 
-    def target(name: str, goal: str, value: float, limit: float, higher_is_better: bool = False) -> None:
+    def target(
+        name: str, goal: str, value: float, limit: float, higher_is_better: bool = False
+    ) -> None:
         met = value >= limit if higher_is_better else value <= limit
         out.append({"target": name, "goal": goal, "measured": round(value, 3), "met": bool(met)})
 
@@ -1045,29 +1193,48 @@ def check_targets(rows: list[Row]) -> list[dict[str, Any]]:
         layer = _find(rows, operation, variant, "keras-nii")
         copy = _find(rows, operation, "copy", "keras-nii")
         if layer and copy:
-            target(f"{operation} vs copy", "keras-nii / copy <= 3",
-                   layer["ms_per_volume"] / copy["ms_per_volume"], 3.0)
+            target(
+                f"{operation} vs copy",
+                "keras-nii / copy <= 3",
+                layer["ms_per_volume"] / copy["ms_per_volume"],
+                3.0,
+            )
     layer = _find(rows, "affine", "image+mask", "keras-nii")
     peers = [
-        r for r in rows
-        if r["operation"] == "affine" and r["variant"] == "image+mask" and r["library"] != "keras-nii"
+        r
+        for r in rows
+        if r["operation"] == "affine"
+        and r["variant"] == "image+mask"
+        and r["library"] != "keras-nii"
         and r["status"] == "ok"
     ]
     if layer and peers:
         fastest = min(peers, key=lambda r: r["ms_per_volume"])
-        target("affine image+mask vs fastest peer",
-               f"keras-nii / {fastest['library']} <= 0.5",
-               layer["ms_per_volume"] / fastest["ms_per_volume"], 0.5)
+        target(
+            "affine image+mask vs fastest peer",
+            f"keras-nii / {fastest['library']} <= 0.5",
+            layer["ms_per_volume"] / fastest["ms_per_volume"],
+            0.5,
+        )
     cold = _find(rows, "read", "no cache", "keras-nii")
     plain = _find(rows, "read", "no cache", "nibabel")
     if cold and plain:
-        target("read without cache vs nibabel loop", "NiftiDataset / nibabel <= 1.1",
-               cold["ms_per_volume"] / plain["ms_per_volume"], 1.1)
+        target(
+            "read without cache vs nibabel loop",
+            "NiftiDataset / nibabel <= 1.1",
+            cold["ms_per_volume"] / plain["ms_per_volume"],
+            1.1,
+        )
     for variant in ("memory cache", "dir cache"):
         cached = _find(rows, "read", variant, "keras-nii")
         if cold and cached:
-            target(f"read {variant} speed-up", "no cache / cached >= 10",
-                   cold["ms_per_volume"] / cached["ms_per_volume"], 10.0, higher_is_better=True)
+            target(
+                f"read {variant} speed-up",
+                "no cache / cached >= 10",
+                cold["ms_per_volume"] / cached["ms_per_volume"],
+                10.0,
+                higher_is_better=True,
+            )
     return out
 
 
@@ -1147,18 +1314,41 @@ def build_parser() -> argparse.ArgumentParser:
             'pip install "keras-nii[bench]".'
         ),
     )
-    parser.add_argument("--size", type=_positive(MIN_SIZE), default=128,
-                        help="volumes are SIZE^3 voxels (default 128; >= 8)")
-    parser.add_argument("--batch", type=_positive(1), default=2,
-                        help="volumes per call (default 2)")
-    parser.add_argument("--backend", choices=BACKENDS, default=None,
-                        help="Keras backend (default: KERAS_BACKEND or Keras's configuration)")
-    parser.add_argument("--json", metavar="FILE", default=None,
-                        help="also write the table and machine information as JSON")
-    parser.add_argument("--only", nargs="+", metavar="NAME", choices=OPERATIONS, default=None,
-                        help=f"operations to run, among {', '.join(OPERATIONS)} (default: all)")
-    parser.add_argument("--repeats", type=_positive(1), default=10,
-                        help="timed calls after the warm-up; the median is reported (default 10)")
+    parser.add_argument(
+        "--size",
+        type=_positive(MIN_SIZE),
+        default=128,
+        help="volumes are SIZE^3 voxels (default 128; >= 8)",
+    )
+    parser.add_argument(
+        "--batch", type=_positive(1), default=2, help="volumes per call (default 2)"
+    )
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=None,
+        help="Keras backend (default: KERAS_BACKEND or Keras's configuration)",
+    )
+    parser.add_argument(
+        "--json",
+        metavar="FILE",
+        default=None,
+        help="also write the table and machine information as JSON",
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="NAME",
+        choices=OPERATIONS,
+        default=None,
+        help=f"operations to run, among {', '.join(OPERATIONS)} (default: all)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=_positive(1),
+        default=10,
+        help="timed calls after the warm-up; the median is reported (default 10)",
+    )
     return parser
 
 
@@ -1178,27 +1368,56 @@ def _number(value: float | None) -> str:
 
 def format_table(rows: list[Row]) -> str:
     """The rows as an aligned text table."""
-    header = ("operation", "variant", "library", "runtime", "threads", "first ms", "ms/vol",
-              "vol/s", "ratio", "status / note")
+    header = (
+        "operation",
+        "variant",
+        "library",
+        "runtime",
+        "threads",
+        "first ms",
+        "ms/vol",
+        "vol/s",
+        "ratio",
+        "status / note",
+    )
     lines = []
     for row in rows:
         ok = row["status"] == "ok"
-        ratio = "ref" if row["reference"] and ok else (
-            f"{row['ratio']:.2f}x" if row["ratio"] is not None else "-")
-        status = row["note"] if ok else f"{row['status'].upper()}" + (
-            f": {row['note']}" if row["note"] else "")
-        lines.append((
-            row["operation"], row["variant"], row["library"] + ("*" if row["reference"] else ""),
-            row["runtime"], str(row["threads"]), _number(row["first_call_ms"]),
-            _number(row["ms_per_volume"]), _number(row["volumes_per_s"]), ratio, status,
-        ))
-    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h)
-              for i, h in enumerate(header)]
+        ratio = (
+            "ref"
+            if row["reference"] and ok
+            else (f"{row['ratio']:.2f}x" if row["ratio"] is not None else "-")
+        )
+        status = (
+            row["note"]
+            if ok
+            else f"{row['status'].upper()}" + (f": {row['note']}" if row["note"] else "")
+        )
+        lines.append(
+            (
+                row["operation"],
+                row["variant"],
+                row["library"] + ("*" if row["reference"] else ""),
+                row["runtime"],
+                str(row["threads"]),
+                _number(row["first_call_ms"]),
+                _number(row["ms_per_volume"]),
+                _number(row["volumes_per_s"]),
+                ratio,
+                status,
+            )
+        )
+    widths = [
+        max(len(h), *(len(line[i]) for line in lines)) if lines else len(h)
+        for i, h in enumerate(header)
+    ]
     right = {5, 6, 7, 8}
 
     def fmt(cells: Sequence[str]) -> str:
-        parts = [c.rjust(w) if i in right else c.ljust(w)
-                 for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
+        parts = [
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ]
         return "  ".join(parts[:-1]) + "  " + cells[-1]
 
     out = [fmt(header), fmt(["-" * w for w in widths[:-1]] + ["-" * len(header[-1])])]
@@ -1251,13 +1470,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = run_benchmarks(args.size, args.batch, args.repeats, args.only, log=log)
     targets = check_targets(rows)
     info = machine_info()
-    settings = {"size": args.size, "batch": args.batch, "repeats": args.repeats,
-                "only": args.only or list(OPERATIONS), "backend": info["backend"]}
+    settings = {
+        "size": args.size,
+        "batch": args.batch,
+        "repeats": args.repeats,
+        "only": args.only or list(OPERATIONS),
+        "backend": info["backend"],
+    }
 
-    print(f"keras-nii bench: {info['backend']} backend, {args.size}^3 float32 volumes, "
-          f"batch {args.batch}, median of {args.repeats} after 1 warm-up call")
-    print(f"{info['cpu']}, {info['usable_cores']} usable cores"
-          + (f", GPU: {', '.join(info['gpus'])}" if info["gpus"] else ", no GPU"))
+    print(
+        f"keras-nii bench: {info['backend']} backend, {args.size}^3 float32 volumes, "
+        f"batch {args.batch}, median of {args.repeats} after 1 warm-up call"
+    )
+    print(
+        f"{info['cpu']}, {info['usable_cores']} usable cores"
+        + (f", GPU: {', '.join(info['gpus'])}" if info["gpus"] else ", no GPU")
+    )
     print(format_table(rows))
     if targets:
         print()
@@ -1267,10 +1495,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {verdict}  {t['target']}: {t['goal']}; measured {t['measured']:.2f}")
     for row in rows:
         if "augmentation_overhead_ms_per_step" in row:
-            print(f"\ntraining step: augmentation adds {row['augmentation_overhead_ms_per_step']:.1f} "
-                  f"ms/step ({row['augmentation_overhead_percent']:.0f} %)")
-    print(f"\n({time.perf_counter() - start:.0f} s; * = the reference of the ratio column; "
-          "ratio > 1: slower than the reference)")
+            print(
+                f"\ntraining step: augmentation adds {row['augmentation_overhead_ms_per_step']:.1f} "
+                f"ms/step ({row['augmentation_overhead_percent']:.0f} %)"
+            )
+    print(
+        f"\n({time.perf_counter() - start:.0f} s; * = the reference of the ratio column; "
+        "ratio > 1: slower than the reference)"
+    )
 
     if args.json:
         document = {"settings": settings, "machine": info, "rows": rows, "targets": targets}

@@ -101,7 +101,9 @@ def test_rows_and_columns(tiny_run: dict) -> None:
         if row["status"] == "ok":
             assert row["ms_per_volume"] > 0 and row["volumes_per_s"] > 0
             assert row["first_call_ms"] > 0
-            assert row["ms_per_volume"] == pytest.approx(row["ms_per_call"] / row["volumes_per_call"])
+            assert row["ms_per_volume"] == pytest.approx(
+                row["ms_per_call"] / row["volumes_per_call"]
+            )
             assert row["ratio"] is not None
         else:
             assert row["ms_per_volume"] is None and row["ratio"] is None
@@ -133,7 +135,9 @@ def test_json_holds_the_table_machine_and_targets(tiny_run: dict) -> None:
     )
     # the JSON rows are the printed rows, in the same order
     printed = [
-        line for line in tiny_run["stdout"].splitlines() if line.split()[:1] in (["zscore"], ["flip"], ["read"])
+        line
+        for line in tiny_run["stdout"].splitlines()
+        if line.split()[:1] in (["zscore"], ["flip"], ["read"])
     ]
     assert len(printed) == len(document["rows"])
     for line, row in zip(printed, document["rows"], strict=True):
@@ -198,7 +202,7 @@ def test_other_backend_reruns_in_a_subprocess(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(bench.subprocess, "call", fake_call)
     argv = ["--backend", other, *TINY, "--only", "zscore"]
     assert bench.main(argv) == 7
-    (command, env), = calls
+    ((command, env),) = calls
     assert command == [sys.executable, "-m", "keras_nii.bench", *argv]
     assert env["KERAS_BACKEND"] == other and env[bench._CHILD_ENV] == "1"
 
@@ -206,11 +210,20 @@ def test_other_backend_reruns_in_a_subprocess(monkeypatch: pytest.MonkeyPatch) -
 def test_check_targets_and_table_format() -> None:
     def row(operation, variant, library, ms, status="ok", reference=False):
         return {
-            "operation": operation, "variant": variant, "library": library,
-            "runtime": "x", "threads": "1", "status": status, "first_call_ms": ms,
-            "ms_per_call": ms, "volumes_per_call": 1, "ms_per_volume": ms,
-            "volumes_per_s": None if ms is None else 1000 / ms, "ratio": None,
-            "reference": reference, "note": "",
+            "operation": operation,
+            "variant": variant,
+            "library": library,
+            "runtime": "x",
+            "threads": "1",
+            "status": status,
+            "first_call_ms": ms,
+            "ms_per_call": ms,
+            "volumes_per_call": 1,
+            "ms_per_volume": ms,
+            "volumes_per_s": None if ms is None else 1000 / ms,
+            "ratio": None,
+            "reference": reference,
+            "note": "",
         }
 
     rows = [
@@ -225,7 +238,9 @@ def test_check_targets_and_table_format() -> None:
     assert rows[1]["ratio"] == pytest.approx(3.0) and rows[2]["ratio"] is None
     targets = {t["target"]: t for t in bench.check_targets(rows)}
     assert targets["affine image+mask vs fastest peer"]["met"] is True
-    assert targets["affine image+mask vs fastest peer"]["measured"] == pytest.approx(1 / 3, abs=1e-3)
+    assert targets["affine image+mask vs fastest peer"]["measured"] == pytest.approx(
+        1 / 3, abs=1e-3
+    )
     assert targets["read without cache vs nibabel loop"]["met"] is False
     assert targets["read memory cache speed-up"]["met"] is True
     table = bench.format_table(rows).splitlines()
