@@ -12,9 +12,12 @@ Everything format-related is nibabel's: scaling comes from ``dataobj``
 
 from __future__ import annotations
 
+import io
+import math
 import mmap
 import os
 import uuid
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +25,7 @@ from typing import Any, Literal
 import nibabel as nib
 import numpy as np
 from nibabel import orientations as ornt_tools
+from nibabel.arrayproxy import ArrayProxy
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
@@ -231,7 +235,7 @@ def load_nifti(
     if dtype.kind == "f" and dtype.itemsize < 4:
         work = np.dtype("float32")
     try:
-        data = np.asarray(img.dataobj.__array__(work))
+        data = np.asarray(_data_proxy(img, path).__array__(work))
     except MemoryError:
         raise
     except Exception as err:  # nibabel/gzip/numpy report damage in many ways
@@ -298,6 +302,52 @@ def load_nifti(
         source_shape=shape,
         orientation=transform,
     )
+
+
+#: ``.nii.gz`` files holding at most this many bytes of voxel data are
+#: decompressed in one zlib call (see :func:`_data_proxy`); larger ones are
+#: streamed by nibabel, which never holds the compressed file in memory
+_ONE_CALL_GUNZIP_MAX_BYTES = 1 << 30
+
+
+def _data_proxy(img: Any, path: str) -> Any:
+    """The array proxy to read ``img``'s data through.
+
+    nibabel reads a ``.nii.gz`` through :mod:`gzip`, whose reader decompresses
+    in small blocks with Python-level work around each: ~13.9 ms for a 128^3
+    float32 phantom on this project's 2-core CI machine, against ~11.5 ms
+    for one :func:`zlib.decompress` call on the whole file (it checks the
+    CRC and length too). So a single-file ``.nii.gz`` is decompressed in
+    one call, and nibabel's own :class:`~nibabel.arrayproxy.ArrayProxy`,
+    with the shape, dtype, offset and scaling of the image's proxy, reads
+    the bytes in memory: values, dtype and scaling are nibabel's by
+    construction. Anything else (``.nii``, pairs, very large files) and any
+    stream that zlib cannot decode whole (truncated, corrupt, shorter than
+    the header says) goes through the image's proxy as nibabel opened it,
+    so that its errors are nibabel's.
+    """
+    proxy = img.dataobj
+    image_file = img.file_map["image"].filename
+    if not (
+        isinstance(proxy, ArrayProxy)
+        and isinstance(image_file, str)
+        and image_file.lower().endswith(".gz")
+        and os.path.abspath(image_file) == os.path.abspath(path)
+    ):
+        return proxy
+    end = int(proxy.offset) + proxy.dtype.itemsize * math.prod(proxy.shape)
+    if end > _ONE_CALL_GUNZIP_MAX_BYTES:
+        return proxy
+    try:
+        with open(path, "rb") as file:
+            # bufsize = the exact size: one output buffer, no final join copy
+            decoded = zlib.decompress(file.read(), wbits=31, bufsize=max(end, 1))
+    except (OSError, zlib.error):
+        return proxy
+    if len(decoded) < end:
+        return proxy
+    spec = (proxy.shape, proxy.dtype, proxy.offset, proxy.slope, proxy.inter)
+    return ArrayProxy(io.BytesIO(decoded), spec, mmap=False, order=proxy.order)
 
 
 def _maps_a_file(array: np.ndarray) -> bool:

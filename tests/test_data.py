@@ -597,13 +597,17 @@ def test_directory_cache_rereads_a_changed_file(tmp_path, counting):
     assert masks[2] in str(info.value) and images[2] in str(info.value)
 
 
-def test_directory_cache_recovers_from_a_damaged_entry(tmp_path, counting):
+@pytest.mark.parametrize("damage", ["garbage", "truncated data", "empty"])
+def test_directory_cache_recovers_from_a_damaged_entry(tmp_path, counting, damage):
+    """Entries are memory-mapped: one too short for its header is read again
+    from the source, never mapped past its end."""
     images, _, arrays = make_subjects(tmp_path / "data", n=1, shape=(3, 4, 5))
     cache = tmp_path / "cache"
     ds = NiftiDataset(images, cache=cache)
     ds[0]
     (entry,) = cache.glob("*.npy")
-    entry.write_bytes(b"garbage")
+    blob = entry.read_bytes()
+    entry.write_bytes({"garbage": b"garbage", "truncated data": blob[:-7], "empty": b""}[damage])
     counting.calls.clear()
     np.testing.assert_array_equal(ds[0][0, ..., 0], arrays[0])
     assert counting.calls == images

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 import shutil
@@ -327,6 +328,96 @@ def test_array_is_in_memory_writable_and_any_layout(tmp_path, suffix, codes):
     # nothing to scale: nibabel's own array is used as it is, without a copy
     if suffix == ".nii.gz" and codes == "RAS":
         assert vol.array.flags.f_contiguous
+
+
+# --------------------------------------------------------------------------- one-call gunzip
+
+
+def _gz_source(tmp_path, case):
+    """A ``.nii.gz`` of one kind, and the float32 array nibabel reads from it."""
+    rng = np.random.default_rng(11)
+    affine = axcodes_affine("LPS", zooms=(0.8, 0.9, 1.7), origin=(4.0, -2.0, 9.0))
+    p = tmp_path / f"{case}.nii.gz"
+    if case == "float32":
+        write(p, rng.normal(size=(9, 8, 7)).astype(np.float32), affine)
+    elif case == "int16-scaled":
+        write(p, unique_data((9, 8, 7)), affine, slope=0.37, inter=-5.0)
+    elif case == "big-endian-int16-scaled":
+        img = nib.Nifti1Image(
+            unique_data((9, 8, 7)).astype(">i2"), affine, nib.Nifti1Header(endianness=">")
+        )
+        img.header.set_data_dtype(">i2")
+        img.header.set_slope_inter(1.5, 2.0)
+        nib.save(img, os.fspath(p))
+        assert nib.load(p).dataobj.dtype == np.dtype(">i2")
+    elif case == "uint8-4d":
+        write(
+            p,
+            rng.integers(0, 255, size=(5, 6, 7, 3)).astype(np.uint8),
+            affine,
+            slope=2.0,
+            inter=1.0,
+        )
+    elif case == "nifti2-float64":
+        write(p, rng.normal(size=(6, 5, 4)), affine, klass=nib.Nifti2Image)
+    else:  # pragma: no cover - a typo in the parametrization
+        raise AssertionError(case)
+    return p, nib.load(p).get_fdata(dtype=np.float32)
+
+
+GZ_CASES = ["float32", "int16-scaled", "big-endian-int16-scaled", "uint8-4d", "nifti2-float64"]
+
+
+@pytest.mark.parametrize("case", GZ_CASES)
+def test_gz_decoded_in_one_call_equals_nibabel(tmp_path, case):
+    p, ref = _gz_source(tmp_path, case)
+    img = nib.load(p)
+    proxy = knio._data_proxy(img, os.fspath(p))
+    assert proxy is not img.dataobj  # the one-call path was taken
+    got = proxy.__array__(np.float32)
+    assert got.dtype == ref.dtype and got.shape == ref.shape
+    np.testing.assert_array_equal(got, ref)
+    vol = load_nifti(p, canonical=False)
+    assert vol.array.flags.writeable and not knio._maps_a_file(vol.array)
+    np.testing.assert_array_equal(vol.array, ref.reshape(vol.shape))
+
+
+@pytest.mark.parametrize("case", GZ_CASES)
+def test_gz_above_the_size_limit_goes_through_nibabel(tmp_path, monkeypatch, case):
+    p, ref = _gz_source(tmp_path, case)
+    fast = load_nifti(p, canonical=False).array
+    monkeypatch.setattr(knio, "_ONE_CALL_GUNZIP_MAX_BYTES", 100)
+    img = nib.load(p)
+    assert knio._data_proxy(img, os.fspath(p)) is img.dataobj
+    slow = load_nifti(p, canonical=False).array
+    np.testing.assert_array_equal(slow, fast)
+    np.testing.assert_array_equal(slow, ref.reshape(slow.shape))
+
+
+def test_gz_of_several_members_reads_them_all(tmp_path):
+    """gzip allows concatenated members; zlib's one call decodes only the
+    first, so such a file is read by nibabel, never cut short."""
+    p, ref = _gz_source(tmp_path, "int16-scaled")
+    raw = gzip.decompress(p.read_bytes())
+    q = tmp_path / "members.nii.gz"
+    q.write_bytes(gzip.compress(raw[:500]) + gzip.compress(raw[500:]))
+    img = nib.load(q)
+    assert knio._data_proxy(img, os.fspath(q)) is img.dataobj
+    np.testing.assert_array_equal(load_nifti(q, canonical=False).array[..., 0], ref)
+
+
+def test_gz_with_a_bad_crc_reads_as_nibabel_does(tmp_path):
+    """zlib checks the CRC, nibabel's reader stops at the data's end before
+    it: the file reads (through nibabel) exactly as nibabel reads it."""
+    p, ref = _gz_source(tmp_path, "float32")
+    blob = bytearray(p.read_bytes())
+    blob[-8] ^= 0xFF  # the stored CRC-32
+    q = tmp_path / "crc.nii.gz"
+    q.write_bytes(bytes(blob))
+    np.testing.assert_array_equal(nib.load(q).get_fdata(dtype=np.float32), ref)
+    img = nib.load(q)
+    assert knio._data_proxy(img, os.fspath(q)) is img.dataobj
+    np.testing.assert_array_equal(load_nifti(q, canonical=False).array[..., 0], ref)
 
 
 def test_label_dtype_rounds(tmp_path):
