@@ -52,12 +52,17 @@ without ``keras_nii.training.AugmentedModel`` running RandomFlip3D +
 RandomAffine3D + RandomGaussianNoise on image and mask inside the step; the
 difference is reported as the augmentation's overhead per step.
 
-Peers run on the CPU: MONAI and TorchIO on torch with
-``torch.set_num_threads(os.cpu_count())`` (TorchIO resamples with SimpleITK,
-whose thread count is reported too), MONAI with ``set_track_meta(False)``
-(plain tensors, its fastest mode); one volume at a time, as their transforms
-are written. The NumPy/SciPy references are single-threaded. A peer that
-cannot be imported is listed as ``not installed``.
+Peers: MONAI (with ``set_track_meta(False)``: plain tensors, its fastest
+mode) one volume at a time, as its transforms are written; for the affine
+also plain PyTorch (``F.affine_grid`` + ``F.grid_sample`` on the whole batch,
+the mask with the same grid) and Kornia's ``RandomAffine3D`` (whole batch,
+the mask replaying the image's draw). They run on the GPU when torch sees one
+(``runtime`` says ``torch cuda``; every timed call ends with
+``torch.cuda.synchronize()``), else on the CPU with
+``torch.set_num_threads(os.cpu_count())``. TorchIO works on CPU tensors
+only, one subject at a time (it resamples with SimpleITK, whose thread count
+is reported too). The NumPy/SciPy references are single-threaded. A peer
+that cannot be imported is listed as ``not installed``.
 
 Installing the peers
 --------------------
@@ -65,13 +70,14 @@ torch must be installed first, and on machines without a GPU as the CPU
 build, or a plain ``torch`` requirement pulls a multi-GB CUDA build::
 
     pip install torch==2.13.0          # on CPU machines: the CPU build
-    pip install "keras-nii[bench]"     # scipy, monai, torchio
+    pip install "keras-nii[bench]"     # scipy, monai, torchio, kornia
 
 Targets (checked after the table, and in the JSON's ``targets``): z-score and
 flip within 3x of the plain copy; random affine on image + mask at most half
 the time per volume of the fastest peer; ``NiftiDataset`` without cache
 within 10 % of a plain ``nibabel`` loop, and each cache at least 10x faster
-than no cache.
+than no cache; on a GPU (meant for ``--backend jax --batch 8 --size 128``),
+the throughputs of :data:`GPU_TARGETS`, set for an H200.
 
 The backend is chosen before Keras is imported: ``--backend`` sets
 ``KERAS_BACKEND``; if Keras was already imported with another backend, the
@@ -98,7 +104,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["OPERATIONS", "BACKENDS", "main", "run_benchmarks", "check_targets", "machine_info"]
+__all__ = [
+    "OPERATIONS",
+    "BACKENDS",
+    "GPU_TARGETS",
+    "main",
+    "run_benchmarks",
+    "check_targets",
+    "machine_info",
+]
 
 #: the operations, in the order they run and print
 OPERATIONS = ("zscore", "flip", "affine", "elastic", "intensity", "read", "train")
@@ -235,15 +249,47 @@ class _Context:
             self._torch = torch
         return self._torch
 
-    def torch_volumes(self, unit: bool = False) -> tuple[list[Any], list[Any]]:
-        """The batch as per-volume channels-first torch tensors (C, X, Y, Z)."""
+    def torch_device(self) -> str:
+        """Where the torch peers run: ``"cuda"`` when torch sees a GPU, else ``"cpu"``."""
+        return "cuda" if self.torch().cuda.is_available() else "cpu"
+
+    def torch_runtime(self) -> str:
+        return "torch cuda" if self.torch_device() == "cuda" else "torch"
+
+    def torch_synced(self, fn: Callable[[], Any]) -> Callable[[], Any]:
+        """``fn`` followed by a wait for the GPU's queued work (torch runs asynchronously there)."""
         torch = self.torch()
+        if self.torch_device() != "cuda":
+            return fn
+
+        def run() -> Any:
+            out = fn()
+            torch.cuda.synchronize()
+            return out
+
+        return run
+
+    def torch_volumes(
+        self, unit: bool = False, device: str | None = None
+    ) -> tuple[list[Any], list[Any]]:
+        """The batch as per-volume channels-first torch tensors (C, X, Y, Z) on
+        ``device`` (default: :meth:`torch_device`)."""
+        torch = self.torch()
+        device = self.torch_device() if device is None else device
         images, masks = self.data()
         if unit:
             images = images / images.max()
         to = [torch.from_numpy(np.ascontiguousarray(np.moveaxis(v, -1, 0))) for v in images]
         mo = [torch.from_numpy(np.ascontiguousarray(np.moveaxis(v, -1, 0))) for v in masks]
-        return to, mo
+        return [v.to(device) for v in to], [m.to(device) for m in mo]
+
+    def torch_batch(self) -> tuple[Any, Any]:
+        """The batch as channels-first torch tensors (B, 1, X, Y, Z) on :meth:`torch_device`."""
+        torch = self.torch()
+        images, masks = self.data()
+        device = self.torch_device()
+        move = lambda a: torch.from_numpy(np.ascontiguousarray(np.moveaxis(a, -1, 1)))  # noqa: E731
+        return move(images).to(device), move(masks).to(device)
 
     def torch_threads(self) -> str:
         return str(self.torch().get_num_threads())
@@ -480,9 +526,9 @@ def _bench_zscore(ctx: _Context) -> None:
         mt = _monai()
         tfm = mt.NormalizeIntensity(nonzero=True)
         vols, _ = ctx.torch_volumes()
-        return lambda: [tfm(v) for v in vols]
+        return ctx.torch_synced(lambda: [tfm(v) for v in vols])
 
-    ctx.add("zscore", "nonzero", "MONAI", "torch", _lazy(ctx.torch_threads), monai)
+    ctx.add("zscore", "nonzero", "MONAI", _lazy(ctx.torch_runtime), _lazy(ctx.torch_threads), monai)
 
     def torchio() -> Callable[[], Any]:
         tio = _try_import("torchio")
@@ -533,13 +579,15 @@ def _bench_flip(ctx: _Context) -> None:
             [mt.RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=a) for a in range(3)]
         )
         vols, mvols = ctx.torch_volumes()
-        return lambda: [tfm({"image": v, "label": m}) for v, m in zip(vols, mvols, strict=True)]
+        return ctx.torch_synced(
+            lambda: [tfm({"image": v, "label": m}) for v, m in zip(vols, mvols, strict=True)]
+        )
 
     ctx.add(
         "flip",
         "image+mask",
         "MONAI",
-        "torch",
+        _lazy(ctx.torch_runtime),
         _lazy(ctx.torch_threads),
         monai,
         note="RandFlipd per axis",
@@ -597,13 +645,16 @@ def _bench_affine(ctx: _Context) -> None:
                 scale_range=(AFFINE_SCALES[1] - 1.0,) * 3,
                 mode=modes,
                 padding_mode="zeros",
+                device=ctx.torch().device(ctx.torch_device()),
             )
             vols, mvols = ctx.torch_volumes()
             if with_mask:
-                return lambda: [
-                    tfm({"image": v, "label": m}) for v, m in zip(vols, mvols, strict=True)
-                ]
-            return lambda: [tfm({"image": v}) for v in vols]
+                return ctx.torch_synced(
+                    lambda: [
+                        tfm({"image": v, "label": m}) for v, m in zip(vols, mvols, strict=True)
+                    ]
+                )
+            return ctx.torch_synced(lambda: [tfm({"image": v}) for v in vols])
 
         return setup
 
@@ -640,13 +691,75 @@ def _bench_affine(ctx: _Context) -> None:
 
         return setup
 
+    def torch_grid(with_mask: bool) -> Callable[[], Callable[[], Any]]:
+        def setup() -> Callable[[], Any]:
+            torch = ctx.torch()
+            functional = torch.nn.functional
+            device = ctx.torch_device()
+            x, m = ctx.torch_batch()
+            m_float = m.float()  # grid_sample samples floating-point tensors only
+            generator = torch.Generator(device=device)
+            generator.manual_seed(0)
+
+            def run() -> Any:
+                theta = _torch_thetas(torch, x.shape[0], device, generator)
+                grid = functional.affine_grid(theta, list(x.shape), align_corners=False)
+                out = functional.grid_sample(x, grid, mode="bilinear", align_corners=False)
+                if not with_mask:
+                    return out
+                labels = functional.grid_sample(m_float, grid, mode="nearest", align_corners=False)
+                return out, labels.to(m.dtype)
+
+            return ctx.torch_synced(run)
+
+        return setup
+
+    def kornia(with_mask: bool) -> Callable[[], Callable[[], Any]]:
+        def setup() -> Callable[[], Any]:
+            augmentation = _try_import("kornia.augmentation")
+            x, m = ctx.torch_batch()
+            m_float = m.float()
+            options = dict(degrees=AFFINE_DEGREES, scale=(AFFINE_SCALES,) * 3, p=1.0)
+            image_tfm = augmentation.RandomAffine3D(resample="bilinear", **options)
+            mask_tfm = augmentation.RandomAffine3D(resample="nearest", **options)
+
+            def run() -> Any:
+                out = image_tfm(x)
+                if not with_mask:
+                    return out
+                # the image's draw, replayed on the mask
+                labels = mask_tfm(m_float, params=image_tfm._params)
+                return out, labels.to(m.dtype)
+
+            return ctx.torch_synced(run)
+
+        return setup
+
     for with_mask in (True, False):
         variant = "image+mask" if with_mask else "image"
         ctx.add(
             "affine",
             variant,
+            "PyTorch",
+            _lazy(lambda: f"{ctx.torch_runtime()} affine_grid"),
+            _lazy(ctx.torch_threads),
+            torch_grid(with_mask),
+            note="F.affine_grid + F.grid_sample on the whole batch (bilinear + nearest)",
+        )
+        ctx.add(
+            "affine",
+            variant,
+            "Kornia",
+            _lazy(ctx.torch_runtime),
+            _lazy(ctx.torch_threads),
+            kornia(with_mask),
+            note="RandomAffine3D on the whole batch; the mask replays the image's draw",
+        )
+        ctx.add(
+            "affine",
+            variant,
             "MONAI",
-            "torch",
+            _lazy(ctx.torch_runtime),
             _lazy(ctx.torch_threads),
             monai(with_mask),
             note="RandAffined",
@@ -695,15 +808,18 @@ def _bench_elastic(ctx: _Context) -> None:
             prob=1.0,
             mode=("bilinear", "nearest"),
             padding_mode="zeros",
+            device=ctx.torch().device(ctx.torch_device()),
         )
         vols, mvols = ctx.torch_volumes()
-        return lambda: [tfm({"image": v, "label": m}) for v, m in zip(vols, mvols, strict=True)]
+        return ctx.torch_synced(
+            lambda: [tfm({"image": v, "label": m}) for v, m in zip(vols, mvols, strict=True)]
+        )
 
     ctx.add(
         "elastic",
         "image+mask",
         "MONAI",
-        "torch",
+        _lazy(ctx.torch_runtime),
         _lazy(ctx.torch_threads),
         monai,
         note="Rand3DElasticd sigma 5-8, magnitude 100-200 (dense Gaussian-smoothed field)",
@@ -798,13 +914,13 @@ def _bench_intensity(ctx: _Context) -> None:
             ]
         )
         vols, _ = ctx.torch_volumes(unit=True)
-        return lambda: [tfm(v) for v in vols]
+        return ctx.torch_synced(lambda: [tfm(v) for v in vols])
 
     ctx.add(
         "intensity",
         "shift+gamma+noise",
         "MONAI",
-        "torch",
+        _lazy(ctx.torch_runtime),
         _lazy(ctx.torch_threads),
         monai,
         note="RandShiftIntensity + RandAdjustContrast + RandGaussianNoise",
@@ -1044,7 +1160,7 @@ def _monai() -> Any:
 
 
 def _subjects(ctx: _Context, tio: Any, masks: bool = True, unit: bool = False) -> list[Any]:
-    vols, mvols = ctx.torch_volumes(unit=unit)
+    vols, mvols = ctx.torch_volumes(unit=unit, device="cpu")  # TorchIO works on the CPU
     out = []
     for v, m in zip(vols, mvols, strict=True):
         entries = {"image": tio.ScalarImage(tensor=v)}
@@ -1063,6 +1179,30 @@ class _lazy(str):  # noqa: N801 - used like a function
         except Exception:
             value = "-"
         return super().__new__(cls, value)
+
+
+def _torch_thetas(torch: Any, n: int, device: str, generator: Any) -> Any:
+    """``n`` random ``(3, 4)`` matrices for ``torch.nn.functional.affine_grid``:
+    a rotation of up to :data:`AFFINE_DEGREES` about each axis after a scaling
+    by :data:`AFFINE_SCALES` per axis, about the volume's centre (the origin of
+    ``affine_grid``'s normalized coordinates), drawn on ``device``."""
+    angles = torch.rand(n, 3, generator=generator, device=device)
+    angles = (2.0 * angles - 1.0) * math.radians(AFFINE_DEGREES)
+    low, high = AFFINE_SCALES
+    scales = low + (high - low) * torch.rand(n, 3, generator=generator, device=device)
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    one, zero = torch.ones_like(cos[:, 0]), torch.zeros_like(cos[:, 0])
+
+    def matrix(rows: list[list[Any]]) -> Any:
+        return torch.stack([torch.stack(row, dim=-1) for row in rows], dim=-2)
+
+    cx, cy, cz = cos.unbind(1)
+    sx, sy, sz = sin.unbind(1)
+    rx = matrix([[one, zero, zero], [zero, cx, -sx], [zero, sx, cx]])
+    ry = matrix([[cy, zero, sy], [zero, one, zero], [-sy, zero, cy]])
+    rz = matrix([[cz, -sz, zero], [sz, cz, zero], [zero, zero, one]])
+    linear = rz @ ry @ rx * scales[:, None, :]  # (rz ry rx) @ diag(scales)
+    return torch.cat([linear, torch.zeros(n, 3, 1, device=device)], dim=2)
 
 
 def _random_rotation(rng: np.random.Generator) -> np.ndarray:
@@ -1179,8 +1319,18 @@ def _find(
     return None
 
 
-def check_targets(rows: list[Row]) -> list[dict[str, Any]]:
-    """The project's speed targets, for the rows that were measured."""
+#: GPU throughput targets (volumes per second, 128^3, batch 8, JAX), set for an H200
+GPU_TARGETS = {("affine", "image+mask"): 15_000.0, ("zscore", "nonzero"): 40_000.0}
+
+
+def check_targets(rows: list[Row], machine: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The project's speed targets, for the rows that were measured.
+
+    ``machine`` (as :func:`machine_info` returns it) adds the GPU throughput
+    targets of :data:`GPU_TARGETS` when it lists a GPU; they are set for an
+    H200 (on another card the figure is reported against the same number,
+    the card named).
+    """
     out: list[dict[str, Any]] = []
 
     def target(
@@ -1216,6 +1366,18 @@ def check_targets(rows: list[Row]) -> list[dict[str, Any]]:
             layer["ms_per_volume"] / fastest["ms_per_volume"],
             0.5,
         )
+    gpus = (machine or {}).get("gpus") or []
+    if gpus:
+        for (operation, variant), limit in GPU_TARGETS.items():
+            layer = _find(rows, operation, variant, "keras-nii")
+            if layer:
+                target(
+                    f"{operation} {variant} on {gpus[0]}",
+                    f"keras-nii >= {limit:,.0f} volumes/s (set for an H200)",
+                    layer["volumes_per_s"],
+                    limit,
+                    higher_is_better=True,
+                )
     cold = _find(rows, "read", "no cache", "keras-nii")
     plain = _find(rows, "read", "no cache", "nibabel")
     if cold and plain:
@@ -1468,8 +1630,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     start = time.perf_counter()
     rows = run_benchmarks(args.size, args.batch, args.repeats, args.only, log=log)
-    targets = check_targets(rows)
     info = machine_info()
+    targets = check_targets(rows, info)
     settings = {
         "size": args.size,
         "batch": args.batch,

@@ -277,3 +277,99 @@ def test_jax_runner_draws_anew_every_call() -> None:
     runner = bench._JaxRunner(lambda v: layer(v, training=True), [layer], x)
     first, second = np.asarray(runner()), np.asarray(runner())
     assert not np.allclose(first, second)
+
+
+def test_gpu_targets_only_with_a_gpu() -> None:
+    def row(operation, variant, ms):
+        return {
+            "operation": operation,
+            "variant": variant,
+            "library": "keras-nii",
+            "runtime": "jax jit",
+            "status": "ok",
+            "ms_per_volume": ms,
+            "volumes_per_s": 1000.0 / ms,
+            "reference": True,
+        }
+
+    rows = [row("affine", "image+mask", 0.1), row("zscore", "nonzero", 0.02)]
+    cpu = {t["target"] for t in bench.check_targets(rows, {"gpus": []})}
+    assert not any("volumes/s" in t["goal"] for t in bench.check_targets(rows, {"gpus": []}))
+    assert cpu == {t["target"] for t in bench.check_targets(rows)}
+    targets = {t["target"]: t for t in bench.check_targets(rows, {"gpus": ["NVIDIA H200"]})}
+    affine = targets["affine image+mask on NVIDIA H200"]
+    zscore = targets["zscore nonzero on NVIDIA H200"]
+    assert affine["measured"] == pytest.approx(10_000) and affine["met"] is False  # < 15,000/s
+    assert zscore["measured"] == pytest.approx(50_000) and zscore["met"] is True  # >= 40,000/s
+
+
+# --------------------------------------------------------------------------- the torch peers
+# (run where torch is installed: CI's PyTorch pass runs this file again)
+
+
+def test_torch_thetas_are_rotations_times_scales() -> None:
+    torch = pytest.importorskip("torch")
+    import numpy as np
+
+    generator = torch.Generator().manual_seed(0)
+    theta = bench._torch_thetas(torch, 64, "cpu", generator).double().numpy()
+    assert theta.shape == (64, 3, 4)
+    np.testing.assert_array_equal(theta[:, :, 3], 0.0)  # about the centre
+    linear = theta[:, :, :3]
+    scales = np.linalg.norm(linear, axis=1)  # column norms: R @ diag(s) has |column j| = s_j
+    low, high = bench.AFFINE_SCALES
+    assert scales.min() >= low - 1e-6 and scales.max() <= high + 1e-6
+    assert scales.max() - scales.min() > 0.1  # drawn, not constant
+    rotations = linear / scales[:, None, :]
+    eye = np.broadcast_to(np.eye(3), rotations.shape)
+    np.testing.assert_allclose(rotations.transpose(0, 2, 1) @ rotations, eye, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.det(rotations), 1.0, atol=1e-6)
+    # the angle of each rotation is at most the composition of three of 30 degrees
+    angles = np.degrees(np.arccos(np.clip((np.trace(rotations, axis1=1, axis2=2) - 1) / 2, -1, 1)))
+    assert angles.max() <= 3 * bench.AFFINE_DEGREES and angles.mean() > 5.0
+    second = bench._torch_thetas(torch, 64, "cpu", generator).numpy()
+    assert not np.allclose(second, theta)  # every call draws anew
+
+
+def test_torch_and_kornia_affine_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("torch")
+    for name in ("monai", "monai.data", "monai.transforms", "torchio", "SimpleITK"):
+        monkeypatch.setitem(sys.modules, name, None)
+    rows = bench.run_benchmarks(size=16, batch=2, repeats=1, only=["affine"])
+    by_key = {(r["variant"], r["library"]): r for r in rows}
+    for variant in ("image+mask", "image"):
+        torch_row = by_key[(variant, "PyTorch")]
+        assert torch_row["status"] == "ok", torch_row["note"]
+        assert torch_row["runtime"] in ("torch affine_grid", "torch cuda affine_grid")
+        kornia_row = by_key[(variant, "Kornia")]
+        try:
+            import kornia  # noqa: F401
+        except ImportError:
+            assert kornia_row["status"] == "not installed"
+        else:
+            assert kornia_row["status"] == "ok", kornia_row["note"]
+
+
+def test_kornia_mask_replays_the_image_draw() -> None:
+    """The Kornia peer warps the mask with the image's parameters: for an
+    image that is its own mask, the nearest-sampled mask and the trilinear
+    image agree everywhere but at the boundary."""
+    torch = pytest.importorskip("torch")
+    augmentation = pytest.importorskip("kornia.augmentation")
+    import numpy as np
+
+    torch.manual_seed(0)
+    grid = np.indices((24, 24, 24)).astype(np.float32) - 11.5
+    ball = (np.sqrt((grid**2).sum(0)) < 8).astype(np.float32)
+    box = ((np.abs(grid) < 5).all(0) & (grid[0] > -2)).astype(np.float32)
+    volume = torch.from_numpy(np.stack([ball, box]))[:, None]  # (2, 1, 24, 24, 24)
+    options = dict(degrees=bench.AFFINE_DEGREES, scale=(bench.AFFINE_SCALES,) * 3, p=1.0)
+    image_tfm = augmentation.RandomAffine3D(resample="bilinear", **options)
+    mask_tfm = augmentation.RandomAffine3D(resample="nearest", **options)
+    image = image_tfm(volume).numpy()
+    mask = mask_tfm(volume, params=image_tfm._params).numpy()
+    unreplayed = mask_tfm(volume).numpy()
+    agree = ((image > 0.5) == (mask > 0.5)).mean()
+    assert agree > 0.98
+    assert ((image > 0.5) == (unreplayed > 0.5)).mean() < agree - 0.01
+    assert np.abs(image - volume.numpy()).max() > 0.5  # it moved
