@@ -55,8 +55,10 @@ difference is reported as the augmentation's overhead per step.
 Peers: MONAI (with ``set_track_meta(False)``: plain tensors, its fastest
 mode) one volume at a time, as its transforms are written; for the affine
 also plain PyTorch (``F.affine_grid`` + ``F.grid_sample`` on the whole batch,
-the mask with the same grid) and Kornia's ``RandomAffine3D`` (whole batch,
-the mask replaying the image's draw). They run on the GPU when torch sees one
+the mask with the same grid), Kornia's ``RandomAffine3D`` (whole batch, the
+mask replaying the image's draw) and plain JAX
+(``jax.scipy.ndimage.map_coordinates`` under ``jax.jit``, vmapped over the
+batch, on JAX's default device). The torch peers run on the GPU when torch sees one
 (``runtime`` says ``torch cuda``; every timed call ends with
 ``torch.cuda.synchronize()``), else on the CPU with
 ``torch.set_num_threads(os.cpu_count())``. TorchIO works on CPU tensors
@@ -735,8 +737,42 @@ def _bench_affine(ctx: _Context) -> None:
 
         return setup
 
+    def jax_warp(with_mask: bool) -> Callable[[], Callable[[], Any]]:
+        def setup() -> Callable[[], Any]:
+            jax = _try_import("jax")
+            ndimage = _try_import("jax.scipy.ndimage")
+            jnp = jax.numpy
+            x, m = jnp.asarray(images[..., 0]), jnp.asarray(masks[..., 0])
+            shape = images.shape[1:4]
+            centre = jnp.asarray([(n - 1) / 2.0 for n in shape], jnp.float32)[:, None, None, None]
+            axes = [jnp.arange(n, dtype=jnp.float32) for n in shape]
+            grid = jnp.stack(jnp.meshgrid(*axes, indexing="ij")) - centre  # (3, x, y, z)
+
+            def warp(volume: Any, mask: Any, key: Any) -> Any:
+                linear = _jax_random_linear(jax, key)
+                coords = list(jnp.einsum("ij,jxyz->ixyz", linear, grid) + centre)
+                out = ndimage.map_coordinates(volume, coords, order=1, mode="constant")
+                if not with_mask:
+                    return out
+                return out, ndimage.map_coordinates(mask, coords, order=0, mode="constant")
+
+            batched = jax.jit(lambda key: jax.vmap(warp)(x, m, jax.random.split(key, len(images))))
+            keys = iter(jax.random.split(jax.random.PRNGKey(0), 10_000))
+            return lambda: jax.block_until_ready(batched(next(keys)))
+
+        return setup
+
     for with_mask in (True, False):
         variant = "image+mask" if with_mask else "image"
+        ctx.add(
+            "affine",
+            variant,
+            "JAX",
+            "jax jit map_coordinates",
+            str(ctx.cores),
+            jax_warp(with_mask),
+            note="jax.scipy.ndimage.map_coordinates, vmapped over the batch (order 1 + order 0)",
+        )
         ctx.add(
             "affine",
             variant,
@@ -1203,6 +1239,20 @@ def _torch_thetas(torch: Any, n: int, device: str, generator: Any) -> Any:
     rz = matrix([[cz, -sz, zero], [sz, cz, zero], [zero, zero, one]])
     linear = rz @ ry @ rx * scales[:, None, :]  # (rz ry rx) @ diag(scales)
     return torch.cat([linear, torch.zeros(n, 3, 1, device=device)], dim=2)
+
+
+def _jax_random_linear(jax: Any, key: Any) -> Any:
+    """One random ``(3, 3)`` map, drawn like :func:`_torch_thetas`'s, in JAX."""
+    jnp = jax.numpy
+    angle_key, scale_key = jax.random.split(key)
+    limit = math.radians(AFFINE_DEGREES)
+    ax, ay, az = jax.random.uniform(angle_key, (3,), minval=-limit, maxval=limit)
+    scales = jax.random.uniform(scale_key, (3,), minval=AFFINE_SCALES[0], maxval=AFFINE_SCALES[1])
+    cx, cy, cz, sx, sy, sz = (f(a) for f in (jnp.cos, jnp.sin) for a in (ax, ay, az))
+    rx = jnp.array([[1.0, 0.0, 0.0], [0.0, cx, -sx], [0.0, sx, cx]])
+    ry = jnp.array([[cy, 0.0, sy], [0.0, 1.0, 0.0], [-sy, 0.0, cy]])
+    rz = jnp.array([[cz, -sz, 0.0], [sz, cz, 0.0], [0.0, 0.0, 1.0]])
+    return rz @ ry @ rx * scales[None, :]
 
 
 def _random_rotation(rng: np.random.Generator) -> np.ndarray:

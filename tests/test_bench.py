@@ -307,15 +307,10 @@ def test_gpu_targets_only_with_a_gpu() -> None:
 # (run where torch is installed: CI's PyTorch pass runs this file again)
 
 
-def test_torch_thetas_are_rotations_times_scales() -> None:
-    torch = pytest.importorskip("torch")
+def _assert_rotations_times_scales(linear) -> None:
+    """``linear`` (n, 3, 3) holds R @ diag(s): R a rotation of the drawn size, s in range."""
     import numpy as np
 
-    generator = torch.Generator().manual_seed(0)
-    theta = bench._torch_thetas(torch, 64, "cpu", generator).double().numpy()
-    assert theta.shape == (64, 3, 4)
-    np.testing.assert_array_equal(theta[:, :, 3], 0.0)  # about the centre
-    linear = theta[:, :, :3]
     scales = np.linalg.norm(linear, axis=1)  # column norms: R @ diag(s) has |column j| = s_j
     low, high = bench.AFFINE_SCALES
     assert scales.min() >= low - 1e-6 and scales.max() <= high + 1e-6
@@ -327,8 +322,45 @@ def test_torch_thetas_are_rotations_times_scales() -> None:
     # the angle of each rotation is at most the composition of three of 30 degrees
     angles = np.degrees(np.arccos(np.clip((np.trace(rotations, axis1=1, axis2=2) - 1) / 2, -1, 1)))
     assert angles.max() <= 3 * bench.AFFINE_DEGREES and angles.mean() > 5.0
+
+
+def test_torch_thetas_are_rotations_times_scales() -> None:
+    torch = pytest.importorskip("torch")
+    import numpy as np
+
+    generator = torch.Generator().manual_seed(0)
+    theta = bench._torch_thetas(torch, 64, "cpu", generator).double().numpy()
+    assert theta.shape == (64, 3, 4)
+    np.testing.assert_array_equal(theta[:, :, 3], 0.0)  # about the centre
+    _assert_rotations_times_scales(theta[:, :, :3])
     second = bench._torch_thetas(torch, 64, "cpu", generator).numpy()
     assert not np.allclose(second, theta)  # every call draws anew
+
+
+def test_jax_peer_draws_rotations_times_scales() -> None:
+    jax = pytest.importorskip("jax")
+    import numpy as np
+
+    keys = jax.random.split(jax.random.PRNGKey(0), 64)
+    linear = np.asarray(jax.vmap(lambda key: bench._jax_random_linear(jax, key))(keys))
+    _assert_rotations_times_scales(linear.astype(np.float64))
+
+
+def test_jax_affine_peer_rows() -> None:
+    pytest.importorskip("jax")
+    ctx = bench._Context(16, 2, 1, log=lambda line: None)
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("torch", "monai", "monai.data", "monai.transforms", "torchio", "kornia"):
+            mp.setitem(sys.modules, name, None)
+        mp.setitem(sys.modules, "kornia.augmentation", None)
+        bench._bench_affine(ctx)
+    rows = {(r["variant"], r["library"]): r for r in ctx.rows}
+    for variant in ("image+mask", "image"):
+        row = rows[(variant, "JAX")]
+        assert row["status"] == "ok", row["note"]
+        assert row["ms_per_volume"] > 0
+        assert rows[(variant, "PyTorch")]["status"] == "not installed"
+        assert rows[(variant, "Kornia")]["status"] == "not installed"
 
 
 def test_torch_and_kornia_affine_rows(monkeypatch: pytest.MonkeyPatch) -> None:
