@@ -305,9 +305,11 @@ def load_nifti(
 
 
 #: ``.nii.gz`` files holding at most this many bytes of voxel data are
-#: decompressed in one zlib call (see :func:`_data_proxy`); larger ones are
-#: streamed by nibabel, which never holds the compressed file in memory
-_ONE_CALL_GUNZIP_MAX_BYTES = 1 << 30
+#: decompressed in one zlib call (see :func:`_data_proxy`): while they are
+#: read, the compressed file, the decoded bytes and the array are all in
+#: memory (about 2.5x the array, against 1x for nibabel's streaming), so
+#: larger files (long 4D series) are streamed by nibabel
+_ONE_CALL_GUNZIP_MAX_BYTES = 256 << 20
 
 
 def _data_proxy(img: Any, path: str) -> Any:
