@@ -726,11 +726,11 @@ def _bench_affine(ctx: _Context) -> None:
             mask_tfm = augmentation.RandomAffine3D(resample="nearest", **options)
 
             def run() -> Any:
-                out = image_tfm(x)
+                params = image_tfm.forward_parameters(x.shape)  # one draw per sample
+                out = image_tfm(x, params=params)
                 if not with_mask:
                     return out
-                # the image's draw, replayed on the mask
-                labels = mask_tfm(m_float, params=image_tfm._params)
+                labels = mask_tfm(m_float, params=params)  # the image's draw, on the mask
                 return out, labels.to(m.dtype)
 
             return ctx.torch_synced(run)

@@ -398,8 +398,9 @@ def test_kornia_mask_replays_the_image_draw() -> None:
     options = dict(degrees=bench.AFFINE_DEGREES, scale=(bench.AFFINE_SCALES,) * 3, p=1.0)
     image_tfm = augmentation.RandomAffine3D(resample="bilinear", **options)
     mask_tfm = augmentation.RandomAffine3D(resample="nearest", **options)
-    image = image_tfm(volume).numpy()
-    mask = mask_tfm(volume, params=image_tfm._params).numpy()
+    params = image_tfm.forward_parameters(volume.shape)
+    image = image_tfm(volume, params=params).numpy()
+    mask = mask_tfm(volume, params=params).numpy()
     unreplayed = mask_tfm(volume).numpy()
     agree = ((image > 0.5) == (mask > 0.5)).mean()
     assert agree > 0.98
