@@ -15,6 +15,19 @@ def to_numpy(x):
     return keras.ops.convert_to_numpy(x)
 
 
+def compiled(fn):
+    """``fn`` compiled with XLA by the current backend."""
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(fn, jit_compile=True)
+    if BACKEND == "jax":
+        import jax
+
+        return jax.jit(fn)
+    return fn
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

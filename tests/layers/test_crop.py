@@ -8,20 +8,7 @@ import pytest
 import scipy.ndimage
 
 from keras_nii.layers.crop import CenterCropOrPad3D, RandomCrop3D, Resize3D
-from tests.layers.conftest import BACKEND, tensorflow_only, to_numpy
-
-
-def compiled(fn):
-    """``fn`` compiled with XLA by the current backend."""
-    if BACKEND == "tensorflow":
-        import tensorflow as tf
-
-        return tf.function(fn, jit_compile=True)
-    if BACKEND == "jax":
-        import jax
-
-        return jax.jit(fn)
-    return fn
+from tests.layers.conftest import compiled, tensorflow_only, to_numpy
 
 
 def coordinates_volume(batch, size, channels=1):

@@ -15,7 +15,7 @@ from keras_nii.layers.normalization import (
     MinMaxNormalization,
     ZScoreNormalization,
 )
-from tests.layers.conftest import BACKEND, tensorflow_only, to_numpy
+from tests.layers.conftest import compiled, tensorflow_only, to_numpy
 
 DATA = os.path.join(os.path.dirname(nibabel.__file__), "tests", "data")
 
@@ -25,19 +25,6 @@ def load(name: str) -> np.ndarray:
     if not os.path.isfile(path):
         pytest.skip(f"nibabel's test data is not installed ({path})")
     return keras_nii.load_nifti(path).array
-
-
-def compiled(fn):
-    """``fn`` compiled with XLA by the current backend."""
-    if BACKEND == "tensorflow":
-        import tensorflow as tf
-
-        return tf.function(fn, jit_compile=True)
-    if BACKEND == "jax":
-        import jax
-
-        return jax.jit(fn)
-    return fn
 
 
 # ----------------------------------------------------------------------------
