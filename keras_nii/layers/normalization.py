@@ -18,6 +18,7 @@ import keras
 from keras import ops
 
 from keras_nii.layers.base import VolumeLayer, check_bool, check_number, check_range, register
+from keras_nii.ops.reduce import reduce_rows
 
 __all__ = ["ZScoreNormalization", "MinMaxNormalization", "IntensityWindow"]
 
@@ -176,12 +177,12 @@ class ZScoreNormalization(VolumeLayer):
         if self.nonzero:
             inside = ops.not_equal(voxels, 0)
             masked = shifted * ops.cast(inside, work)
-            count = ops.maximum(ops.sum(ops.cast(inside, work), axis=1, keepdims=True), 1.0)
+            count = ops.maximum(reduce_rows(ops.cast(inside, work)), 1.0)
         else:
             masked = shifted
             count = ops.cast(ops.shape(voxels)[1], work)
-        mean = ops.sum(masked, axis=1, keepdims=True) / count
-        squares = ops.sum(ops.square(masked), axis=1, keepdims=True) / count
+        mean = reduce_rows(masked) / count
+        squares = reduce_rows(ops.square(masked)) / count
         # the shift is a voxel near the mean, so E[s^2] - E[s]^2 cancels little;
         # a constant volume has masked == 0, hence mean == variance == 0 exactly
         variance = ops.maximum(squares - ops.square(mean), 0.0)

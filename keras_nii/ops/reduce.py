@@ -1,0 +1,77 @@
+"""Per-sample reductions over every voxel, in the form each runtime runs fastest.
+
+The XLA that TensorFlow 2.21 compiles with (``jit_compile=True``, the default
+of ``model.fit`` there) emits a reduction over a computed operand as one loop
+on one thread: summing a 128^3 float32 volume took 0.96 ms, where a copy of it
+(a read *and* a write, spread over the cores) took 0.6 ms. Folding the row
+first into its :data:`PARTS` contiguous chunks, added elementwise, is an
+ordinary loop fusion that XLA splits across threads, and it leaves an eighth
+of the data for the true reduction: the same sum then took 0.14 ms, and the
+z-score's three sums 0.49 ms instead of 3.2 (2-core AMD EPYC).
+
+Everywhere else the plain reduction is the fast one, and the fold only adds
+work: TensorFlow graphs and eager ops without XLA (where each chunk would be
+a copy: 2.9 against 1.7 ms for those three sums), JAX (whose newer XLA
+reduces in parallel: 0.86 ms plain against 6.5 ms folded) and torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import keras
+from keras import ops
+
+__all__ = ["PARTS", "reduce_rows"]
+
+#: how many contiguous chunks a row is folded into before it is reduced
+PARTS = 8
+
+_FOLD: dict[str, tuple[Callable[[Any, Any], Any], Callable[..., Any]]] = {
+    "sum": (lambda a, b: a + b, ops.sum),
+    "min": (ops.minimum, ops.min),
+    "max": (ops.maximum, ops.max),
+}
+
+
+def _fold_pays() -> bool:
+    """Whether this trace is being compiled by XLA under TensorFlow."""
+    if keras.backend.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+
+    try:
+        from tensorflow.python.ops import control_flow_util
+    except ImportError:  # pragma: no cover - a TensorFlow that moved it
+        return True
+    return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+
+
+def reduce_rows(values: Any, kind: str = "sum") -> Any:
+    """Reduce ``(rows, n, ...)`` over axis 1, keeping it: ``(rows, 1, ...)``.
+
+    The result equals ``ops.sum`` (or ``ops.min`` / ``ops.max``) over axis 1
+    with ``keepdims=True`` (sums up to float rounding: under XLA in
+    TensorFlow they are added in a different order, see the module's notes).
+
+    Args:
+        values: a tensor whose axis 1 runs over the voxels of one row.
+        kind: ``"sum"``, ``"min"`` or ``"max"``.
+    """
+    if kind not in _FOLD:
+        raise ValueError(f"kind must be one of {tuple(_FOLD)}, got {kind!r}")
+    combine, reduce = _FOLD[kind]
+    n = ops.shape(values)[1]
+    if not _fold_pays() or (isinstance(n, int) and n < PARTS):
+        return reduce(values, axis=1, keepdims=True)
+    part = n // PARTS
+    folded = values[:, :part]
+    for k in range(1, PARTS):
+        folded = combine(folded, values[:, k * part : (k + 1) * part])
+    out = reduce(folded, axis=1, keepdims=True)
+    # the last n % PARTS voxels; statically absent when n is a multiple (an
+    # empty min or max has no value under JAX or torch)
+    if not isinstance(n, int) or n % PARTS:
+        out = combine(out, reduce(values[:, PARTS * part :], axis=1, keepdims=True))
+    return out
