@@ -30,6 +30,7 @@ from keras_nii.layers.base import (
     check_range,
     register,
 )
+from keras_nii.ops.reduce import reduce_volumes
 
 __all__ = [
     "RandomIntensityShift",
@@ -40,9 +41,6 @@ __all__ = [
     "RandomBiasField",
     "RandomContrast3D",
 ]
-
-_SPATIAL_AXES = (1, 2, 3)
-
 
 # ----------------------------------------------------------------------------
 # helpers
@@ -307,8 +305,8 @@ class RandomGamma(_IntensityLayer):
 
     def transform_images(self, images: Any, transformation: Any) -> Any:
         x = _work(images)
-        low = ops.min(x, axis=_SPATIAL_AXES, keepdims=True)
-        span = ops.max(x, axis=_SPATIAL_AXES, keepdims=True) - low
+        low = reduce_volumes(x, "min")
+        span = reduce_volumes(x, "max") - low
         unit = (x - low) / (span + self.EPSILON)
         gamma = broadcast_per_sample(transformation["gamma"], x)
         # unit ** gamma as exp(gamma * log(unit)): ops.power is 1.5-3x slower on
@@ -681,7 +679,9 @@ class RandomContrast3D(_IntensityLayer):
 
     def transform_images(self, images: Any, transformation: Any) -> Any:
         x = _work(images)
-        mean = ops.mean(x, axis=_SPATIAL_AXES, keepdims=True)
+        shape = ops.shape(x)
+        voxels = ops.cast(shape[1] * shape[2] * shape[3], x.dtype)
+        mean = reduce_volumes(x, "sum") / voxels
         factor = broadcast_per_sample(transformation["factor"], x)
         return _select(transformation["apply"], (x - mean) * factor + mean, images)
 

@@ -18,7 +18,7 @@ import keras
 from keras import ops
 
 from keras_nii.layers.base import VolumeLayer, check_bool, check_number, check_range, register
-from keras_nii.ops.reduce import reduce_rows
+from keras_nii.ops.reduce import reduce_rows, reduce_volumes
 
 __all__ = ["ZScoreNormalization", "MinMaxNormalization", "IntensityWindow"]
 
@@ -44,10 +44,6 @@ def _check_interval(name: str, value: Any, **bounds: Any) -> tuple[float, float]
 def _work_dtype(dtype: Any) -> str:
     """float64 stays float64; everything else computes in float32."""
     return "float64" if keras.backend.standardize_dtype(dtype) == "float64" else "float32"
-
-
-def _reduction_axes(per_channel: bool) -> tuple[int, ...]:
-    return (1, 2, 3) if per_channel else (1, 2, 3, 4)
 
 
 #: the z-score's shift is picked among every _SHIFT_STRIDE-th voxel along each axis
@@ -257,9 +253,11 @@ class MinMaxNormalization(VolumeLayer):
         self.per_channel = check_bool("per_channel", per_channel)
 
     def _bounds(self, x: Any) -> tuple[Any, Any]:
-        axes = _reduction_axes(self.per_channel)
         if self.percentiles is None:
-            return ops.min(x, axis=axes, keepdims=True), ops.max(x, axis=axes, keepdims=True)
+            return (
+                reduce_volumes(x, "min", self.per_channel),
+                reduce_volumes(x, "max", self.per_channel),
+            )
         shape = ops.shape(x)
         q = ops.convert_to_tensor([p / 100.0 for p in self.percentiles], dtype=x.dtype)
         if self.per_channel:

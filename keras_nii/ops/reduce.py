@@ -12,7 +12,9 @@ z-score's three sums 0.49 ms instead of 3.2 (2-core AMD EPYC).
 Everywhere else the plain reduction is the fast one, and the fold only adds
 work: TensorFlow graphs and eager ops without XLA (where each chunk would be
 a copy: 2.9 against 1.7 ms for those three sums), JAX (whose newer XLA
-reduces in parallel: 0.86 ms plain against 6.5 ms folded) and torch.
+reduces in parallel: 0.86 ms plain against 6.5 ms folded) and torch. On a
+GPU, XLA already splits long reductions over many blocks; the fold is not
+used there either.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 import keras
 from keras import ops
 
-__all__ = ["PARTS", "reduce_rows"]
+__all__ = ["PARTS", "reduce_rows", "reduce_volumes"]
 
 #: how many contiguous chunks a row is folded into before it is reduced
 PARTS = 8
@@ -36,11 +38,19 @@ _FOLD: dict[str, tuple[Callable[[Any, Any], Any], Callable[..., Any]]] = {
 
 
 def _fold_pays() -> bool:
-    """Whether this trace is being compiled by XLA under TensorFlow."""
+    """Whether this trace is being compiled by XLA under TensorFlow, for a CPU.
+
+    TensorFlow has no public way to ask whether the current trace is for
+    XLA; ``control_flow_util`` is where its own ``tf.function`` records it.
+    Without a GPU, XLA compiles for the CPU. With one, the ops would be placed
+    there, where the fold is not needed (nor measured): it is left out.
+    """
     if keras.backend.backend() != "tensorflow":
         return False
     import tensorflow as tf
 
+    if tf.config.list_logical_devices("GPU"):
+        return False
     try:
         from tensorflow.python.ops import control_flow_util
     except ImportError:  # pragma: no cover - a TensorFlow that moved it
@@ -75,3 +85,19 @@ def reduce_rows(values: Any, kind: str = "sum") -> Any:
     if not isinstance(n, int) or n % PARTS:
         out = combine(out, reduce(values[:, PARTS * part :], axis=1, keepdims=True))
     return out
+
+
+def reduce_volumes(volumes: Any, kind: str = "sum", per_channel: bool = True) -> Any:
+    """Reduce ``(batch, x, y, z, channels)`` over each sample's voxels.
+
+    Args:
+        volumes: a channels-last batch.
+        kind: ``"sum"``, ``"min"`` or ``"max"``.
+        per_channel: one value per sample and channel, ``(batch, 1, 1, 1,
+            channels)``; or per sample, over all its channels too, ``(batch,
+            1, 1, 1, 1)``.
+    """
+    shape = ops.shape(volumes)
+    channels = shape[4] if per_channel else 1
+    rows = ops.reshape(volumes, (shape[0], -1, channels) if per_channel else (shape[0], -1))
+    return ops.reshape(reduce_rows(rows, kind), (shape[0], 1, 1, 1, channels))

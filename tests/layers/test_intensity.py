@@ -16,7 +16,7 @@ from keras_nii.layers import (
     RandomIntensityScale,
     RandomIntensityShift,
 )
-from tests.layers.conftest import to_numpy
+from tests.layers.conftest import compiled, to_numpy
 
 SHAPE = (10, 12, 9)
 
@@ -315,6 +315,26 @@ def test_contrast_is_the_formula_and_keeps_the_mean(rng):
         out, (images - mean) * per_sample(t["factor"]) + mean, rtol=1e-5, atol=1e-5
     )
     np.testing.assert_allclose(out.mean(axis=(1, 2, 3)), mean[:, 0, 0, 0], atol=1e-5)
+
+
+def test_gamma_and_contrast_compiled_match_their_formulas(rng):
+    # XLA reduces each sample's voxels in chunks under TensorFlow (ops.reduce);
+    # 7 * 6 * 5 voxels leave a remainder after the chunks
+    images = volume(rng, shape=(7, 6, 5), loc=2.0)
+    images[2, 6, 5, 4, 1] = 40.0  # a maximum in the remainder
+    gamma = RandomGamma(gamma=(2.0, 2.0), seed=0)
+    t = to_numpy(gamma.get_random_transformation(3, (7, 6, 5)))
+    out = to_numpy(compiled(lambda x: gamma.transform_images(x, t))(ops.convert_to_tensor(images)))
+    np.testing.assert_allclose(out, gamma_reference(images, t["gamma"]), rtol=1e-5, atol=1e-5)
+    contrast = RandomContrast3D(factor=0.5, seed=0)
+    t = to_numpy(contrast.get_random_transformation(3, (7, 6, 5)))
+    out = to_numpy(
+        compiled(lambda x: contrast.transform_images(x, t))(ops.convert_to_tensor(images))
+    )
+    mean = images.astype("float64").mean(axis=(1, 2, 3), keepdims=True)
+    np.testing.assert_allclose(
+        out, (images - mean) * per_sample(t["factor"]) + mean, rtol=1e-5, atol=1e-5
+    )
 
 
 # ----------------------------------------------------------------------------

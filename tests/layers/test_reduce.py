@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from keras_nii.ops import reduce as reduce_module
-from keras_nii.ops.reduce import PARTS, reduce_rows
+from keras_nii.ops.reduce import PARTS, reduce_rows, reduce_volumes
 from tests.layers.conftest import compiled, tensorflow_only, to_numpy
 
 NUMPY = {"sum": np.sum, "min": np.min, "max": np.max}
@@ -46,7 +46,7 @@ def test_reduce_rows_rejects_an_unknown_kind(rng):
 
 
 @tensorflow_only
-def test_the_fold_is_taken_only_under_xla():
+def test_the_fold_is_taken_only_under_xla_on_cpu():
     import tensorflow as tf
 
     seen = []
@@ -59,7 +59,8 @@ def test_the_fold_is_taken_only_under_xla():
     probe(x)
     tf.function(probe)(x)
     tf.function(probe, jit_compile=True)(x)
-    assert seen == [False, False, True]
+    # only XLA compiling for the CPU folds (not measured on a GPU: not used there)
+    assert seen == [False, False, not tf.config.list_logical_devices("GPU")]
 
 
 @tensorflow_only
@@ -78,3 +79,20 @@ def test_reduce_rows_with_dynamic_lengths_under_xla(rng, kind):
             x = _rows(rng, n, None)
             expected = NUMPY[kind](x.astype("float64"), axis=1, keepdims=True)
             np.testing.assert_allclose(fn(x).numpy(), expected, rtol=1e-5, atol=1e-2)
+
+
+@pytest.mark.parametrize("kind", ["sum", "min", "max"])
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_reduce_volumes_per_sample_and_channel(rng, kind, per_channel):
+    # 7 * 5 * 3 = 105 voxels: not a multiple of PARTS
+    x = rng.normal(0, 10, size=(2, 7, 5, 3, 2)).astype("float32")
+    x[1, 6, 4, 2, 1] = 500.0  # the last voxel of one channel
+    axes = (1, 2, 3) if per_channel else (1, 2, 3, 4)
+    expected = NUMPY[kind](x.astype("float64"), axis=axes, keepdims=True)
+    for fn in (
+        lambda t: reduce_volumes(t, kind, per_channel),
+        compiled(lambda t: reduce_volumes(t, kind, per_channel)),
+    ):
+        out = to_numpy(fn(x))
+        assert out.shape == expected.shape
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-3)
