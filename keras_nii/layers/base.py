@@ -46,6 +46,9 @@ IMAGES = "images"
 MASKS = "segmentation_masks"
 _KEYS = (IMAGES, MASKS)
 
+#: the float32 next to -1 towards 0: the open lower end of normal()'s uniform draw
+_ABOVE_MINUS_ONE = float(np.nextafter(np.float32(-1.0), np.float32(0.0)))
+
 
 def register(cls: type) -> type:
     """Register a layer for ``.keras`` files under the package ``keras_nii``."""
@@ -386,13 +389,20 @@ class VolumeLayer(keras.layers.Layer):
         if keras.backend.backend() == "tensorflow":
             import tensorflow as tf
 
-            return tf.random.stateless_normal(
+            # The inverse-CDF transform sqrt(2) * erfinv(u), u uniform in
+            # (-1, 1), as jax.random.normal draws: 4.2 ms per 128^3 volume
+            # under XLA on CPU against 10.8 for tf.random.stateless_normal
+            # (9.2 against 10.4 without XLA). The open lower end keeps
+            # erfinv finite (|z| < 5.5).
+            u = tf.random.stateless_uniform(
                 shape,
                 self._tensorflow_seed(),
-                stddev=tf.cast(stddev, tf.float32),
+                minval=_ABOVE_MINUS_ONE,
+                maxval=1.0,
                 dtype=tf.float32,
                 alg="philox",
             )
+            return tf.cast(stddev, tf.float32) * (math.sqrt(2.0) * tf.math.erfinv(u))
         return keras.random.normal(shape, stddev=stddev, dtype="float32", seed=self.generator)
 
     def coin(self, batch_size: Any, probability: float) -> Any:

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 from keras import ops
-from scipy import ndimage
+from scipy import ndimage, stats
 
 from keras_nii.layers import (
     RandomBiasField,
@@ -203,6 +203,21 @@ def test_noise_has_the_drawn_std_and_mean(rng):
     np.testing.assert_allclose(noise.std(axis=1), t["sigma"], rtol=0.05)
     np.testing.assert_allclose(noise.mean(axis=1), 0.5, atol=0.05)
     assert np.all((t["sigma"] >= 0.1) & (t["sigma"] < 1.0))
+
+
+def test_noise_is_normally_distributed():
+    # one sigma, 2 * 48^3 draws: the standardized noise against N(0, 1)
+    images = np.zeros((2, 48, 48, 48, 1), "float32")
+    layer = RandomGaussianNoise(std=(0.3, 0.3), seed=3)
+    for _draw in range(2):  # two successive draws of the stream
+        _, out = draw_and_apply(layer, images)
+        z = out.ravel().astype("float64") / 0.3
+        assert np.all(np.isfinite(z))
+        assert stats.kstest(z, "norm").pvalue > 1e-3
+        # both tails are there, beyond 4 sigma, and not beyond what float32 allows
+        assert z.min() < -4 and z.max() > 4 and np.abs(z).max() < 6
+        # third and fourth moments of a normal: 0 and 3
+        assert abs(stats.skew(z)) < 0.02 and abs(stats.kurtosis(z, fisher=False) - 3) < 0.05
 
 
 # ----------------------------------------------------------------------------
