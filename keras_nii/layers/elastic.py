@@ -120,6 +120,23 @@ def dense_displacement(
         a convex combination of (clipped) control values, so the field stays
         within ``max_displacement``.
     """
+    field = _displacement_components(control_points, spatial_shape, max_displacement)
+    return ops.transpose(field, (0, 2, 3, 4, 1))
+
+
+def _displacement_components(
+    control_points: Any,
+    spatial_shape: Sequence[Any],
+    max_displacement: Sequence[float] | None = None,
+) -> Any:
+    """:func:`dense_displacement` as ``(batch, 3, x, y, z)``: one block per axis.
+
+    The x axis is contracted first and z last, so that the last (and only
+    large) product writes the field in this order directly; the resampler
+    reads each component as a contiguous block. With z contracted first, the
+    field came out with x fastest-varying and every read of it was strided:
+    the elastic layer took twice as long (128^3, TensorFlow XLA on CPU).
+    """
     grid = ops.cast(control_points, "float32")
     if max_displacement is None:
         bound = ops.max(ops.abs(grid), axis=(0, 1, 2, 3))
@@ -131,9 +148,9 @@ def dense_displacement(
         _bspline_weights(size, int(points) - 2)
         for size, points in zip(spatial_shape, grid.shape[1:4], strict=True)
     )
-    field = ops.einsum("bijkc,zk->bijzc", grid, wz)
-    field = ops.einsum("bijzc,yj->biyzc", field, wy)
-    return ops.einsum("biyzc,xi->bxyzc", field, wx)
+    field = ops.einsum("bijkc,xi->bcxjk", grid, wx)
+    field = ops.einsum("bcxjk,yj->bcxyk", field, wy)
+    return ops.einsum("bcxyk,zk->bcxyz", field, wz)
 
 
 @register
@@ -247,13 +264,15 @@ class RandomElasticDeformation3D(VolumeLayer):
 
     def _coordinates(self, shape: Any, transformation: Any) -> tuple[Any, Any, Any]:
         spatial = shape[1:4]
-        field = dense_displacement(transformation["control_points"], spatial, self.max_displacement)
+        field = _displacement_components(
+            transformation["control_points"], spatial, self.max_displacement
+        )
         grids = (
             ops.reshape(ops.arange(spatial[0], dtype="float32"), (1, -1, 1, 1)),
             ops.reshape(ops.arange(spatial[1], dtype="float32"), (1, 1, -1, 1)),
             ops.reshape(ops.arange(spatial[2], dtype="float32"), (1, 1, 1, -1)),
         )
-        return tuple(grids[axis] + field[..., axis] for axis in range(3))
+        return tuple(grids[axis] + field[:, axis] for axis in range(3))
 
     def transform_images(self, images: Any, transformation: Any) -> Any:
         coordinates = self._coordinates(ops.shape(images), transformation)
