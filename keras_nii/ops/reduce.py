@@ -1,7 +1,7 @@
 """Per-sample reductions over every voxel, in the form each runtime runs fastest.
 
-The XLA that TensorFlow 2.21 compiles with (``jit_compile=True``, the default
-of ``model.fit`` there) emits a reduction over a computed operand as one loop
+The XLA that TensorFlow 2.21 compiles with (``jit_compile=True``; Keras's
+default only on a GPU) emits a reduction over a computed operand as one loop
 on one thread: summing a 128^3 float32 volume took 0.96 ms, where a copy of it
 (a read *and* a write, spread over the cores) took 0.6 ms. Folding the row
 first into its :data:`PARTS` contiguous chunks, added elementwise, is an
@@ -22,8 +22,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import keras
 from keras import ops
+
+from keras_nii.ops.xla import tensorflow_xla_on_cpu
 
 __all__ = ["PARTS", "reduce_rows", "reduce_volumes"]
 
@@ -35,27 +36,6 @@ _FOLD: dict[str, tuple[Callable[[Any, Any], Any], Callable[..., Any]]] = {
     "min": (ops.minimum, ops.min),
     "max": (ops.maximum, ops.max),
 }
-
-
-def _fold_pays() -> bool:
-    """Whether this trace is being compiled by XLA under TensorFlow, for a CPU.
-
-    TensorFlow has no public way to ask whether the current trace is for
-    XLA; ``control_flow_util`` is where its own ``tf.function`` records it.
-    Without a GPU, XLA compiles for the CPU. With one, the ops would be placed
-    there, where the fold is not needed (nor measured): it is left out.
-    """
-    if keras.backend.backend() != "tensorflow":
-        return False
-    import tensorflow as tf
-
-    if tf.config.list_logical_devices("GPU"):
-        return False
-    try:
-        from tensorflow.python.ops import control_flow_util
-    except ImportError:  # pragma: no cover - a TensorFlow that moved it
-        return True
-    return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
 
 
 def reduce_rows(values: Any, kind: str = "sum") -> Any:
@@ -73,7 +53,7 @@ def reduce_rows(values: Any, kind: str = "sum") -> Any:
         raise ValueError(f"kind must be one of {tuple(_FOLD)}, got {kind!r}")
     combine, reduce = _FOLD[kind]
     n = ops.shape(values)[1]
-    if not _fold_pays() or (isinstance(n, int) and n < PARTS):
+    if not tensorflow_xla_on_cpu() or (isinstance(n, int) and n < PARTS):
         return reduce(values, axis=1, keepdims=True)
     part = n // PARTS
     folded = values[:, :part]

@@ -23,6 +23,8 @@ from typing import Any
 import keras
 from keras import ops
 
+from keras_nii.ops.xla import materialize
+
 __all__ = [
     "INTERPOLATIONS",
     "FILL_MODES",
@@ -105,6 +107,9 @@ def resample(
     if fill_mode not in FILL_MODES:
         raise ValueError(f"fill_mode must be one of {FILL_MODES}, got {fill_mode!r}")
     dtype = keras.backend.standardize_dtype(volumes.dtype)
+    # read 8 times per output voxel at scattered places: an input that is
+    # still an expression (a flip, noise) is computed once, not at each read
+    volumes = materialize(volumes, ops.reshape(coordinates[0], (-1,))[0] >= 0.0)
     shape = ops.shape(volumes)
     batch, sizes, channels = shape[0], shape[1:4], shape[4]
     out_shape = ops.shape(coordinates[0])

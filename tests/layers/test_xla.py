@@ -1,0 +1,97 @@
+"""keras_nii.ops.xla: the CPU-XLA detection and the fusion barrier before resampling."""
+
+import keras
+import numpy as np
+import pytest
+
+from keras_nii.layers import RandomAffine3D, RandomFlip3D
+from keras_nii.ops.xla import jax_on_cpu, materialize, tensorflow_xla_on_cpu
+from tests.layers.conftest import BACKEND, compiled, tensorflow_only, to_numpy
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int32", "uint8", "bool"])
+def test_materialize_returns_its_input_exactly(rng, dtype):
+    x = (
+        rng.normal(0, 50, size=(2, 5, 4, 3, 1)) > 0
+        if dtype == "bool"
+        else rng.normal(0, 50, size=(2, 5, 4, 3, 1))
+    ).astype(dtype)
+    for flag in (True, False):
+
+        def fn(t, flag=flag):
+            # the flag must be a run-time value: here a comparison on the data
+            first = keras.ops.cast(keras.ops.reshape(t, (-1,))[0], "float32")
+            return materialize(t, (first >= 0.0) if flag else (first < -1e30))
+
+        for run in (fn, compiled(fn)):
+            out = to_numpy(run(keras.ops.convert_to_tensor(x)))
+            assert keras.backend.standardize_dtype(out.dtype) == dtype
+            np.testing.assert_array_equal(out, x)
+
+
+@tensorflow_only
+def test_tensorflow_barrier_only_under_xla():
+    import tensorflow as tf
+
+    def ops_of(jit):
+        fn = tf.function(lambda t: materialize(t, t[0] > 0), jit_compile=jit)
+        graph = fn.get_concrete_function(tf.TensorSpec((4,), tf.float32)).graph
+        return {op.type for op in graph.get_operations()}
+
+    assert tensorflow_xla_on_cpu() is False  # eager
+    barrier = {"If", "StatelessIf"}
+    assert ops_of(True) & barrier
+    assert not ops_of(False) & barrier
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="JAX-specific check")
+def test_jax_barrier_is_a_conditional_on_cpu():
+    import jax
+
+    assert jax_on_cpu() == (jax.default_backend() == "cpu")
+    jaxpr = str(jax.make_jaxpr(lambda t: materialize(t, t[0] > 0))(np.ones(4, "float32")))
+    assert ("cond" in jaxpr) == jax_on_cpu()
+
+
+def test_flip_then_affine_compiled_equals_the_two_steps(rng):
+    # the barrier in front of the resampler changes nothing in the result
+    x = rng.normal(size=(2, 12, 10, 8, 1)).astype("float32")
+    y = (rng.random((2, 12, 10, 8, 1)) > 0.5).astype("int32")
+    flip = RandomFlip3D(probability=1.0, seed=0)
+    affine = RandomAffine3D(degrees=20, scales=(0.9, 1.1), seed=1)
+    data = {
+        "images": keras.ops.convert_to_tensor(x),
+        "segmentation_masks": keras.ops.convert_to_tensor(y),
+    }
+    flips = flip.get_random_transformation(2, (12, 10, 8))
+    warp = affine.get_random_transformation(2, (12, 10, 8))
+
+    def both(d):
+        d = {
+            "images": flip.transform_images(d["images"], flips),
+            "segmentation_masks": flip.transform_segmentation_masks(d["segmentation_masks"], flips),
+        }
+        return {
+            "images": affine.transform_images(d["images"], warp),
+            "segmentation_masks": affine.transform_segmentation_masks(
+                d["segmentation_masks"], warp
+            ),
+        }
+
+    fused = to_numpy(compiled(both)(data))
+    flipped = {
+        "images": np.flip(x, axis=(1, 2, 3)),
+        "segmentation_masks": np.flip(y, axis=(1, 2, 3)),
+    }
+    steps = to_numpy(
+        {
+            "images": affine.transform_images(
+                keras.ops.convert_to_tensor(flipped["images"].copy()), warp
+            ),
+            "segmentation_masks": affine.transform_segmentation_masks(
+                keras.ops.convert_to_tensor(flipped["segmentation_masks"].copy()), warp
+            ),
+        }
+    )
+    np.testing.assert_allclose(fused["images"], steps["images"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(fused["segmentation_masks"], steps["segmentation_masks"])
