@@ -127,8 +127,35 @@ class AugmentedModel(keras.Model):
 
         def train_step(self, data: Any) -> Any:
             x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-            x, y = self.augment(x, y)
+            x, y = self._step_augment()(x, y)
             return super().train_step((x, y, sample_weight))
+
+    def _step_augment(self) -> Any:
+        """:meth:`augment`, compiled with XLA when TensorFlow's step is not.
+
+        Keras trains without XLA on a TensorFlow machine without a GPU (its
+        ``jit_compile="auto"``), where the resampling layers are several
+        times slower as plain graph ops (random affine on 128^3: 97 against
+        13 ms per volume). The augmentation alone is then compiled with XLA
+        inside the step; its seed variables advance as before. Not under a
+        ``tf.distribute`` strategy (Keras leaves XLA out there too), nor for
+        an augmentation with a layer that does not support XLA.
+        """
+        if (
+            keras.backend.backend() != "tensorflow"
+            or self.jit_compile
+            or not all(layer.supports_jit for layer in self.augmentation._flatten_layers())
+        ):
+            return self.augment
+        import tensorflow as tf
+
+        if tf.distribute.has_strategy():
+            return self.augment
+        compiled = getattr(self, "_compiled_augment", None)
+        if compiled is None:
+            compiled = tf.function(self.augment, jit_compile=True)
+            self._compiled_augment = compiled
+        return compiled
 
     # saving and export are the wrapped model's: augmentation is for training only
 
