@@ -248,6 +248,29 @@ def test_jit_compile_under_tensorflow():
     assert control[0] > 0.01
 
 
+@tf_only
+def test_tensorflow_step_without_xla_augments_with_xla():
+    # Keras trains without XLA on a CPU-only TensorFlow; the augmentation alone
+    # is then compiled with XLA (the resampler is several times faster there)
+    model = AugmentedModel(identity_net(), spatial_pipeline())
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse", jit_compile=False)
+    step = model._step_augment()
+    assert step is not model.augment and step._jit_compile is True
+    assert model._step_augment() is step  # compiled once
+    # ... and it augments: images and masks moved together, the mask an int.
+    # (TensorFlow's XLA Philox draws other numbers than its CPU kernel for
+    # the same seed, so the draws are not the eager ones, and need not be.)
+    y = masks()
+    x = y.astype("float32")
+    xa, ya = (keras.ops.convert_to_numpy(t) for t in step(x, y))
+    assert ya.dtype == np.int32
+    assert not np.array_equal(xa, x)
+    np.testing.assert_array_equal(xa, ya.astype("float32"))
+    # a step that is itself compiled with XLA augments inside it, as is
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse", jit_compile=True)
+    assert model._step_augment() == model.augment
+
+
 _MIRRORED = textwrap.dedent(
     """
     import json, os
