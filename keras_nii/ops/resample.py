@@ -109,7 +109,7 @@ def resample(
     dtype = keras.backend.standardize_dtype(volumes.dtype)
     # read 8 times per output voxel at scattered places: an input that is
     # still an expression (a flip, noise) is computed once, not at each read
-    volumes = materialize(volumes, ops.reshape(coordinates[0], (-1,))[0] >= 0.0)
+    volumes = materialize(volumes, lambda: ops.reshape(coordinates[0], (-1,))[0] >= 0.0)
     shape = ops.shape(volumes)
     batch, sizes, channels = shape[0], shape[1:4], shape[4]
     out_shape = ops.shape(coordinates[0])

@@ -18,6 +18,7 @@ nothing is fused, and no GPU was at hand to measure them on.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import keras
@@ -55,24 +56,26 @@ def jax_on_cpu() -> bool:
     return jax.default_backend() == "cpu"
 
 
-def materialize(tensor: Any, runtime_flag: Any) -> Any:
+def materialize(tensor: Any, runtime_flag: Callable[[], Any]) -> Any:
     """``tensor`` unchanged, but computed into its own buffer under XLA on CPU.
 
     XLA does not fuse across a conditional, so ``tensor`` passes through one
-    whose two branches both return it. ``runtime_flag`` is its predicate: a
-    scalar boolean known only at run time (XLA inlines a conditional with a
-    constant predicate, and the barrier with it: slower, never wrong).
-    Elsewhere ``tensor`` is returned as is.
+    whose two branches both return it. ``runtime_flag()`` gives its predicate
+    (called only then): a scalar boolean known only at run time (XLA inlines
+    a conditional with a constant predicate, and the barrier with it: slower,
+    never wrong). Elsewhere ``tensor`` is returned as is.
     """
     if tensorflow_xla_on_cpu():
         import tensorflow as tf
 
-        return tf.cond(runtime_flag, lambda: tf.identity(tensor), lambda: tf.identity(tensor))
+        return tf.cond(runtime_flag(), lambda: tf.identity(tensor), lambda: tf.identity(tensor))
     if jax_on_cpu():
         import jax
         import jax.numpy as jnp
 
         # JAX merges two identical branches (and the barrier with them): the
         # second multiplies by one, exactly the identity for every dtype
-        return jax.lax.cond(runtime_flag, lambda t: t, lambda t: t * jnp.ones((), t.dtype), tensor)
+        return jax.lax.cond(
+            runtime_flag(), lambda t: t, lambda t: t * jnp.ones((), t.dtype), tensor
+        )
     return tensor

@@ -21,7 +21,7 @@ def test_materialize_returns_its_input_exactly(rng, dtype):
         def fn(t, flag=flag):
             # the flag must be a run-time value: here a comparison on the data
             first = keras.ops.cast(keras.ops.reshape(t, (-1,))[0], "float32")
-            return materialize(t, (first >= 0.0) if flag else (first < -1e30))
+            return materialize(t, lambda: (first >= 0.0) if flag else (first < -1e30))
 
         for run in (fn, compiled(fn)):
             out = to_numpy(run(keras.ops.convert_to_tensor(x)))
@@ -34,7 +34,7 @@ def test_tensorflow_barrier_only_under_xla():
     import tensorflow as tf
 
     def ops_of(jit):
-        fn = tf.function(lambda t: materialize(t, t[0] > 0), jit_compile=jit)
+        fn = tf.function(lambda t: materialize(t, lambda: t[0] > 0), jit_compile=jit)
         graph = fn.get_concrete_function(tf.TensorSpec((4,), tf.float32)).graph
         return {op.type for op in graph.get_operations()}
 
@@ -49,7 +49,7 @@ def test_jax_barrier_is_a_conditional_on_cpu():
     import jax
 
     assert jax_on_cpu() == (jax.default_backend() == "cpu")
-    jaxpr = str(jax.make_jaxpr(lambda t: materialize(t, t[0] > 0))(np.ones(4, "float32")))
+    jaxpr = str(jax.make_jaxpr(lambda t: materialize(t, lambda: t[0] > 0))(np.ones(4, "float32")))
     assert ("cond" in jaxpr) == jax_on_cpu()
 
 
