@@ -28,7 +28,10 @@ step without augmentation for ``train``), so ``ratio > 1`` means slower than
 keras-nii.
 
 Operations (``--only`` picks some): ``zscore``, ``flip``, ``affine``,
-``elastic``, ``intensity``, ``read``, ``train``; see ``OPERATIONS``.
+``elastic``, ``intensity``, ``pipeline``, ``read``, ``train``; see
+``OPERATIONS``. ``pipeline`` is the usual chain, flip -> random affine ->
+Gaussian noise on image + mask, as one compiled function (for keras-nii) or
+one ``Compose`` (for the peers).
 ``zscore`` and ``flip`` carry a ``copy`` row, ``x + s`` with a run-time
 scalar ``s = 0`` in the same compiled framework (a plain ``x`` or ``x + 0``
 would be folded into a buffer alias by XLA and measure nothing): the cost of
@@ -117,7 +120,7 @@ __all__ = [
 ]
 
 #: the operations, in the order they run and print
-OPERATIONS = ("zscore", "flip", "affine", "elastic", "intensity", "read", "train")
+OPERATIONS = ("zscore", "flip", "affine", "elastic", "intensity", "pipeline", "read", "train")
 BACKENDS = ("tensorflow", "jax")
 MIN_SIZE = 8  # the smallest phantom
 READ_FILES = 8  # volumes in the ``read`` dataset
@@ -637,18 +640,7 @@ def _bench_affine(ctx: _Context) -> None:
 
     def monai(with_mask: bool) -> Callable[[], Callable[[], Any]]:
         def setup() -> Callable[[], Any]:
-            mt = _monai()
-            keys = ["image", "label"] if with_mask else ["image"]
-            modes = ("bilinear", "nearest") if with_mask else ("bilinear",)
-            tfm = mt.RandAffined(
-                keys=keys,
-                prob=1.0,
-                rotate_range=(math.radians(AFFINE_DEGREES),) * 3,
-                scale_range=(AFFINE_SCALES[1] - 1.0,) * 3,
-                mode=modes,
-                padding_mode="zeros",
-                device=ctx.torch().device(ctx.torch_device()),
-            )
+            tfm = _monai_rand_affine(ctx, with_mask)
             vols, mvols = ctx.torch_volumes()
             if with_mask:
                 return ctx.torch_synced(
@@ -817,6 +809,20 @@ def _bench_affine(ctx: _Context) -> None:
             scipy_ref(with_mask),
             note="affine_transform order=1 (+ order=0 mask)",
         )
+
+
+def _monai_rand_affine(ctx: _Context, with_mask: bool) -> Any:
+    """MONAI's ``RandAffined`` with the bench's ranges, on the torch peers' device."""
+    mt = _monai()
+    return mt.RandAffined(
+        keys=["image", "label"] if with_mask else ["image"],
+        prob=1.0,
+        rotate_range=(math.radians(AFFINE_DEGREES),) * 3,
+        scale_range=(AFFINE_SCALES[1] - 1.0,) * 3,
+        mode=("bilinear", "nearest") if with_mask else ("bilinear",),
+        padding_mode="zeros",
+        device=ctx.torch().device(ctx.torch_device()),
+    )
 
 
 def _bench_elastic(ctx: _Context) -> None:
@@ -993,6 +999,76 @@ def _bench_intensity(ctx: _Context) -> None:
         return run
 
     ctx.add("intensity", "shift+gamma+noise", "NumPy", "numpy", "1", numpy_ref)
+
+
+def _bench_pipeline(ctx: _Context) -> None:
+    images, masks = ctx.data()
+
+    def make() -> tuple[Callable, list]:
+        flip, affine, noise = (
+            _keras_nii_attr("layers.flip", "RandomFlip3D"),
+            _keras_nii_attr("layers.affine", "RandomAffine3D"),
+            _keras_nii_attr("layers.intensity", "RandomGaussianNoise"),
+        )
+        layers = [
+            flip(axes=(0, 1, 2), probability=0.5, seed=0),
+            affine(degrees=AFFINE_DEGREES, scales=AFFINE_SCALES, seed=1),
+            noise(std=0.1, seed=2),
+        ]
+        return _apply(layers), layers
+
+    ctx.keras_rows(
+        "pipeline",
+        "image+mask",
+        make,
+        lambda: dict(
+            zip(("images", "segmentation_masks"), ctx.tensors(images, masks), strict=True)
+        ),
+        reference=True,
+        note="RandomFlip3D -> RandomAffine3D -> RandomGaussianNoise (images only)",
+    )
+
+    def monai() -> Callable[[], Any]:
+        mt = _monai()
+        flips = [mt.RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=a) for a in range(3)]
+        noise = mt.RandGaussianNoised(keys=["image"], prob=1.0, std=0.1)
+        tfm = mt.Compose([*flips, _monai_rand_affine(ctx, with_mask=True), noise])
+        vols, mvols = ctx.torch_volumes()
+        return ctx.torch_synced(
+            lambda: [tfm({"image": v, "label": m}) for v, m in zip(vols, mvols, strict=True)]
+        )
+
+    ctx.add(
+        "pipeline",
+        "image+mask",
+        "MONAI",
+        _lazy(ctx.torch_runtime),
+        _lazy(ctx.torch_threads),
+        monai,
+        note="RandFlipd per axis + RandAffined + RandGaussianNoised",
+    )
+
+    def torchio() -> Callable[[], Any]:
+        tio = _try_import("torchio")
+        tfm = tio.Compose(
+            [
+                tio.RandomFlip(axes=(0, 1, 2), flip_probability=0.5),
+                tio.RandomAffine(scales=AFFINE_SCALES, degrees=AFFINE_DEGREES),
+                tio.RandomNoise(std=0.1),
+            ]
+        )
+        subjects = _subjects(ctx, tio)
+        return lambda: [tfm(s) for s in subjects]
+
+    ctx.add(
+        "pipeline",
+        "image+mask",
+        "TorchIO",
+        "torch+SimpleITK",
+        _lazy(lambda: f"{ctx.torch_threads()}/{ctx.itk_threads()}"),
+        torchio,
+        note="RandomFlip + RandomAffine + RandomNoise",
+    )
 
 
 def _bench_read(ctx: _Context) -> None:
@@ -1269,6 +1345,7 @@ _BENCHES: dict[str, Callable[[_Context], None]] = {
     "affine": _bench_affine,
     "elastic": _bench_elastic,
     "intensity": _bench_intensity,
+    "pipeline": _bench_pipeline,
     "read": _bench_read,
     "train": _bench_train,
 }

@@ -406,3 +406,23 @@ def test_kornia_mask_replays_the_image_draw() -> None:
     assert agree > 0.98
     assert ((image > 0.5) == (unreplayed > 0.5)).mean() < agree - 0.01
     assert np.abs(image - volume.numpy()).max() > 0.5  # it moved
+
+
+def test_pipeline_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    # keras-nii's chain runs (compiled, and as a graph under TensorFlow); MONAI
+    # runs its Compose where it is installed; TorchIO, blocked, is listed
+    for name in ("torchio", "SimpleITK"):
+        monkeypatch.setitem(sys.modules, name, None)
+    rows = bench.run_benchmarks(size=16, batch=2, repeats=1, only=["pipeline"])
+    assert {r["operation"] for r in rows} == {"pipeline"}
+    ours = [r for r in rows if r["library"] == "keras-nii"]
+    assert ours and all(r["status"] == "ok" and r["ms_per_volume"] > 0 for r in ours)
+    assert sum(r["reference"] for r in ours) == 1
+    by_library = {r["library"]: r for r in rows if r["library"] != "keras-nii"}
+    assert by_library["TorchIO"]["status"] == "not installed"
+    try:
+        import monai.transforms  # noqa: F401
+    except ImportError:
+        assert by_library["MONAI"]["status"] == "not installed"
+    else:
+        assert by_library["MONAI"]["status"] == "ok", by_library["MONAI"]["note"]
