@@ -252,16 +252,27 @@ def test_jit_compile_under_tensorflow():
 def test_tensorflow_step_without_xla_augments_with_xla():
     # Keras trains without XLA on a CPU-only TensorFlow; the augmentation alone
     # is then compiled with XLA (the resampler is several times faster there)
+    import tensorflow as tf
+
     model = AugmentedModel(identity_net(), spatial_pipeline())
     model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse", jit_compile=False)
-    step = model._step_augment()
+    seen = []
+
+    def in_a_graph(x, y):
+        seen.append(model._step_augment())
+        return seen[-1](x, y)
+
+    y = masks()
+    x = y.astype("float32")
+    for _ in range(2):
+        tf.function(in_a_graph)(x, y)
+    step = seen[0]
     assert step is not model.augment and step._jit_compile is True
-    assert model._step_augment() is step  # compiled once
+    assert seen[1] is step  # compiled once
+    assert model._step_augment() == model.augment  # an eager step stays eager
     # ... and it augments: images and masks moved together, the mask an int.
     # (TensorFlow's XLA Philox draws other numbers than its CPU kernel for
     # the same seed, so the draws are not the eager ones, and need not be.)
-    y = masks()
-    x = y.astype("float32")
     xa, ya = (keras.ops.convert_to_numpy(t) for t in step(x, y))
     assert ya.dtype == np.int32
     assert not np.array_equal(xa, x)

@@ -30,6 +30,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_nii.ops.xla import tensorflow_graph_on_cpu, xla_compiled
+
 __all__ = [
     "VolumeLayer",
     "IMAGES",
@@ -297,14 +299,24 @@ class VolumeLayer(keras.layers.Layer):
         else:
             data[MASKS] = ops.convert_to_tensor(data[MASKS])
         canonical = {key: self._to_canonical(value, ranks[key]) for key, value in data.items()}
+        transform = self._transform
+        if self.RANDOM and tensorflow_graph_on_cpu():
+            # a TensorFlow graph without XLA (fit on a machine without a GPU,
+            # a tf.data map): the resampling layers run 6-8x faster compiled
+            transform = xla_compiled(self, self._transform)
+        out = transform(canonical)
+        out = {key: self._from_canonical(value, ranks[key]) for key, value in out.items()}
+        return out if was_dict else out[IMAGES]
+
+    def _transform(self, canonical: dict) -> dict:
+        """One draw, applied to each entry of the canonical ``data`` dict."""
         transformation = self.draw_transformation(canonical)
         out = {}
         if IMAGES in canonical:
             out[IMAGES] = self.transform_images(canonical[IMAGES], transformation)
         if MASKS in canonical:
             out[MASKS] = self.transform_segmentation_masks(canonical[MASKS], transformation)
-        out = {key: self._from_canonical(value, ranks[key]) for key, value in out.items()}
-        return out if was_dict else out[IMAGES]
+        return out
 
     def _output_shape_of(self, shape: Sequence) -> tuple:
         shape = tuple(shape)

@@ -18,12 +18,21 @@ nothing is fused, and no GPU was at hand to measure them on.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import keras
 
-__all__ = ["tensorflow_xla_on_cpu", "jax_on_cpu", "materialize"]
+__all__ = [
+    "tensorflow_xla_on_cpu",
+    "tensorflow_graph_on_cpu",
+    "jax_on_cpu",
+    "materialize",
+    "xla_compiled",
+]
+
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def tensorflow_xla_on_cpu() -> bool:
@@ -45,6 +54,40 @@ def tensorflow_xla_on_cpu() -> bool:
     except ImportError:  # pragma: no cover - a TensorFlow that moved it
         return True
     return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+
+
+def tensorflow_graph_on_cpu() -> bool:
+    """Whether this is a TensorFlow graph being traced for a CPU, without XLA.
+
+    That is where Keras's ``fit`` runs on a machine without a GPU (its
+    ``jit_compile="auto"``), and where ``tf.data`` runs its ``map``
+    functions. Not under a ``tf.distribute`` strategy (Keras leaves XLA out
+    there), and not eagerly.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+
+    if tf.executing_eagerly() or tf.distribute.has_strategy():
+        return False
+    if tf.config.list_logical_devices("GPU"):
+        return False
+    return not tensorflow_xla_on_cpu()
+
+
+def xla_compiled(owner: Any, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` under ``tf.function(jit_compile=True)``, made once per ``owner``.
+
+    Kept in a weak table rather than on ``owner``: a ``tf.function`` set as an
+    attribute of a Keras layer or model would be tracked, and saved with it.
+    """
+    compiled = _COMPILED.get(owner)
+    if compiled is None:
+        import tensorflow as tf
+
+        compiled = tf.function(fn, jit_compile=True)
+        _COMPILED[owner] = compiled
+    return compiled
 
 
 def jax_on_cpu() -> bool:

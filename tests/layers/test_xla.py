@@ -131,3 +131,37 @@ def test_resampling_stays_differentiable_through_the_barrier(rng):
         total(t).backward()
         g = t.grad.numpy()
     np.testing.assert_allclose(g, np.ones_like(x), atol=1e-6)
+
+
+@tensorflow_only
+def test_random_layers_in_a_tensorflow_graph_run_compiled():
+    # fit on a TensorFlow machine without a GPU traces a graph without XLA;
+    # a random layer then runs its draw and transforms as one XLA function
+    import tensorflow as tf
+
+    from keras_nii.layers import ZScoreNormalization
+    from keras_nii.ops import xla
+
+    gpu = bool(tf.config.list_logical_devices("GPU"))
+    rng = np.random.default_rng(0)
+    masks = (rng.random((2, 10, 9, 8, 1)) > 0.5).astype("int32")
+    data = {"images": masks.astype("float32"), "segmentation_masks": masks}
+    affine = RandomAffine3D(degrees=25, translation=2, interpolation="nearest", seed=0)
+    zscore = ZScoreNormalization()
+
+    @tf.function
+    def graph(d):
+        return affine(d, training=True), zscore(d["images"])
+
+    moved, _ = graph(data)
+    assert (affine in xla._COMPILED) == (not gpu)
+    assert zscore not in xla._COMPILED  # deterministic layers stay plain graph ops
+    images, labels = moved["images"].numpy(), moved["segmentation_masks"].numpy()
+    assert labels.dtype == np.int32 and not np.array_equal(labels, masks)
+    np.testing.assert_array_equal(images, labels.astype("float32"))  # still one draw
+
+    # not with training off (the identity), nor eagerly
+    other = RandomAffine3D(degrees=25, seed=1)
+    tf.function(lambda t: other(t, training=False))(data["images"])
+    other(data["images"], training=True)
+    assert other not in xla._COMPILED
