@@ -38,8 +38,10 @@ would be folded into a buffer alias by XLA and measure nothing): the cost of
 one read and one write of the batch, the floor for a voxel-wise layer.
 
 keras-nii runs compiled: under TensorFlow in ``tf.function(jit_compile=True)``
-(XLA; a second ``graph`` row is ``tf.function`` without XLA); under JAX in
-``jax.jit``. A Keras random layer cannot simply be called inside
+(XLA; a second ``graph`` row is ``tf.function`` without XLA, where, on a
+machine without a GPU, each random layer compiles its own work with XLA, as
+in a ``fit`` without XLA, and the deterministic ones run as plain graph ops);
+under JAX in ``jax.jit``. A Keras random layer cannot simply be called inside
 ``jax.jit``: its ``SeedGenerator`` state is a Keras variable, and assigning a
 traced value to it leaks the tracer out of the trace (``UnexpectedTracerError``
 on the next call). Keras's own trainers run layers statelessly; the benchmark
