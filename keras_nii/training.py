@@ -150,7 +150,7 @@ class AugmentedModel(keras.Model):
             or not tensorflow_graph_on_cpu()
         ):
             return self.augment
-        return xla_compiled(self, self.augment)
+        return xla_compiled(self, "augment")
 
     # saving and export are the wrapped model's: augmentation is for training only
 

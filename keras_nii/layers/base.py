@@ -303,7 +303,7 @@ class VolumeLayer(keras.layers.Layer):
         if self.RANDOM and tensorflow_graph_on_cpu():
             # a TensorFlow graph without XLA (fit on a machine without a GPU,
             # a tf.data map): the resampling layers run 6-8x faster compiled
-            transform = xla_compiled(self, self._transform)
+            transform = xla_compiled(self, "_transform")
         out = transform(canonical)
         out = {key: self._from_canonical(value, ranks[key]) for key, value in out.items()}
         return out if was_dict else out[IMAGES]

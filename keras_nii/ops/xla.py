@@ -75,17 +75,24 @@ def tensorflow_graph_on_cpu() -> bool:
     return not tensorflow_xla_on_cpu()
 
 
-def xla_compiled(owner: Any, fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` under ``tf.function(jit_compile=True)``, made once per ``owner``.
+def xla_compiled(owner: Any, method: str) -> Callable[..., Any]:
+    """``owner.<method>`` under ``tf.function(jit_compile=True)``, made once per ``owner``.
 
     Kept in a weak table rather than on ``owner``: a ``tf.function`` set as an
     attribute of a Keras layer or model would be tracked, and saved with it.
+    The function reaches ``owner`` through a weak reference, so the table
+    does not keep it alive.
     """
     compiled = _COMPILED.get(owner)
     if compiled is None:
         import tensorflow as tf
 
-        compiled = tf.function(fn, jit_compile=True)
+        ref = weakref.ref(owner)
+
+        def call(*args: Any) -> Any:
+            return getattr(ref(), method)(*args)
+
+        compiled = tf.function(call, jit_compile=True)
         _COMPILED[owner] = compiled
     return compiled
 

@@ -165,3 +165,24 @@ def test_random_layers_in_a_tensorflow_graph_run_compiled():
     tf.function(lambda t: other(t, training=False))(data["images"])
     other(data["images"], training=True)
     assert other not in xla._COMPILED
+
+
+@tensorflow_only
+def test_the_compiled_table_does_not_keep_layers_alive():
+    import gc
+    import weakref
+
+    import tensorflow as tf
+
+    from keras_nii.ops import xla
+
+    def use_one() -> weakref.ref:
+        layer = RandomFlip3D(seed=0)
+        tf.function(lambda t: layer(t, training=True))(np.zeros((1, 4, 4, 4, 1), "float32"))
+        assert (layer in xla._COMPILED) == (not tf.config.list_logical_devices("GPU"))
+        return weakref.ref(layer)
+
+    gone = use_one()
+    gc.collect()
+    assert gone() is None
+    assert all(owner is not None for owner in xla._COMPILED.keys())
