@@ -300,7 +300,7 @@ class VolumeLayer(keras.layers.Layer):
             data[MASKS] = ops.convert_to_tensor(data[MASKS])
         canonical = {key: self._to_canonical(value, ranks[key]) for key, value in data.items()}
         transform = self._transform
-        if self.RANDOM and tensorflow_graph_on_cpu():
+        if self.RANDOM and self.supports_jit and tensorflow_graph_on_cpu():
             # a TensorFlow graph without XLA (fit on a machine without a GPU,
             # a tf.data map): the resampling layers run 6-8x faster compiled
             transform = xla_compiled(self, "_transform")

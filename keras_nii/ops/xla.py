@@ -1,4 +1,10 @@
-"""Where XLA compiles for a CPU, and a fusion barrier for that case.
+"""XLA on CPUs: where it runs, a fusion barrier for it, and XLA where TF has none.
+
+Keras trains without XLA on a TensorFlow machine without a GPU, where the
+resampling layers run 6-8x slower as plain graph ops;
+:func:`tensorflow_graph_on_cpu` says when a trace is such a graph, and
+:func:`xla_compiled` compiles a layer's (or ``AugmentedModel``'s) work with
+XLA there all the same.
 
 Two of XLA's CPU code-generation habits cost keras-nii's layers several times
 their time, and neither shows on the ops themselves:

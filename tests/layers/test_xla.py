@@ -165,6 +165,11 @@ def test_random_layers_in_a_tensorflow_graph_run_compiled():
     tf.function(lambda t: other(t, training=False))(data["images"])
     other(data["images"], training=True)
     assert other not in xla._COMPILED
+    # nor for a layer that says it does not support XLA
+    plain = RandomAffine3D(degrees=25, seed=2)
+    plain.supports_jit = False
+    tf.function(lambda t: plain(t, training=True))(data["images"])
+    assert plain not in xla._COMPILED
 
 
 @tensorflow_only
