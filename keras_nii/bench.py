@@ -276,6 +276,13 @@ class _Context:
 
         return run
 
+    def monai_pairs(self, tfm: Callable[[dict], Any]) -> Callable[[], Any]:
+        """MONAI's dict transform ``tfm`` on each image + label pair, one sample at a time."""
+        vols, mvols = self.torch_volumes()
+        return self.torch_synced(
+            lambda: [tfm({"image": v, "label": m}) for v, m in zip(vols, mvols, strict=True)]
+        )
+
     def torch_volumes(
         self, unit: bool = False, device: str | None = None
     ) -> tuple[list[Any], list[Any]]:
@@ -585,10 +592,7 @@ def _bench_flip(ctx: _Context) -> None:
         tfm = mt.Compose(
             [mt.RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=a) for a in range(3)]
         )
-        vols, mvols = ctx.torch_volumes()
-        return ctx.torch_synced(
-            lambda: [tfm({"image": v, "label": m}) for v, m in zip(vols, mvols, strict=True)]
-        )
+        return ctx.monai_pairs(tfm)
 
     ctx.add(
         "flip",
@@ -643,13 +647,9 @@ def _bench_affine(ctx: _Context) -> None:
     def monai(with_mask: bool) -> Callable[[], Callable[[], Any]]:
         def setup() -> Callable[[], Any]:
             tfm = _monai_rand_affine(ctx, with_mask)
-            vols, mvols = ctx.torch_volumes()
             if with_mask:
-                return ctx.torch_synced(
-                    lambda: [
-                        tfm({"image": v, "label": m}) for v, m in zip(vols, mvols, strict=True)
-                    ]
-                )
+                return ctx.monai_pairs(tfm)
+            vols, _ = ctx.torch_volumes()
             return ctx.torch_synced(lambda: [tfm({"image": v}) for v in vols])
 
         return setup
@@ -854,10 +854,7 @@ def _bench_elastic(ctx: _Context) -> None:
             padding_mode="zeros",
             device=ctx.torch().device(ctx.torch_device()),
         )
-        vols, mvols = ctx.torch_volumes()
-        return ctx.torch_synced(
-            lambda: [tfm({"image": v, "label": m}) for v, m in zip(vols, mvols, strict=True)]
-        )
+        return ctx.monai_pairs(tfm)
 
     ctx.add(
         "elastic",
@@ -1035,10 +1032,7 @@ def _bench_pipeline(ctx: _Context) -> None:
         flips = [mt.RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=a) for a in range(3)]
         noise = mt.RandGaussianNoised(keys=["image"], prob=1.0, std=0.1)
         tfm = mt.Compose([*flips, _monai_rand_affine(ctx, with_mask=True), noise])
-        vols, mvols = ctx.torch_volumes()
-        return ctx.torch_synced(
-            lambda: [tfm({"image": v, "label": m}) for v, m in zip(vols, mvols, strict=True)]
-        )
+        return ctx.monai_pairs(tfm)
 
     ctx.add(
         "pipeline",
