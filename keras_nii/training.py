@@ -144,10 +144,9 @@ class AugmentedModel(keras.Model):
         augmentation with a layer that does not support XLA.
         """
         if (
-            keras.backend.backend() != "tensorflow"
-            or self.jit_compile
-            or not all(layer.supports_jit for layer in self.augmentation._flatten_layers())
+            self.jit_compile
             or not tensorflow_graph_on_cpu()
+            or not all(layer.supports_jit for layer in self.augmentation._flatten_layers())
         ):
             return self.augment
         return xla_compiled(self, "augment")

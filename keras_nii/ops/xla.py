@@ -41,25 +41,37 @@ __all__ = [
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def tensorflow_xla_on_cpu() -> bool:
-    """Whether this trace is being compiled by XLA under TensorFlow, for a CPU.
-
-    TensorFlow has no public way to ask whether the current trace is for
-    XLA; ``control_flow_util`` is where its own ``tf.function`` records it.
-    Without a GPU, XLA compiles for the CPU; with one, the ops would be placed
-    there.
-    """
+def _tensorflow_for_cpu() -> bool:
+    """The backend is TensorFlow and it sees no GPU (where ops would be placed)."""
     if keras.backend.backend() != "tensorflow":
         return False
     import tensorflow as tf
 
-    if tf.config.list_logical_devices("GPU"):
-        return False
+    return not tf.config.list_logical_devices("GPU")
+
+
+def _in_xla_trace() -> bool:
+    """Whether the TensorFlow graph being traced is for XLA.
+
+    TensorFlow has no public way to ask; ``control_flow_util`` is where its
+    own ``tf.function`` records it.
+    """
+    import tensorflow as tf
+
     try:
         from tensorflow.python.ops import control_flow_util
     except ImportError:  # pragma: no cover - a TensorFlow that moved it
         return True
     return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+
+
+def tensorflow_xla_on_cpu() -> bool:
+    """Whether this trace is being compiled by XLA under TensorFlow, for a CPU.
+
+    Without a GPU, XLA compiles for the CPU; with one, the ops would be placed
+    there.
+    """
+    return _tensorflow_for_cpu() and _in_xla_trace()
 
 
 def tensorflow_graph_on_cpu() -> bool:
@@ -70,15 +82,13 @@ def tensorflow_graph_on_cpu() -> bool:
     functions. Not under a ``tf.distribute`` strategy (Keras leaves XLA out
     there), and not eagerly.
     """
-    if keras.backend.backend() != "tensorflow":
+    if not _tensorflow_for_cpu():
         return False
     import tensorflow as tf
 
     if tf.executing_eagerly() or tf.distribute.has_strategy():
         return False
-    if tf.config.list_logical_devices("GPU"):
-        return False
-    return not tensorflow_xla_on_cpu()
+    return not _in_xla_trace()
 
 
 def xla_compiled(owner: Any, method: str) -> Callable[..., Any]:
