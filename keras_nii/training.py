@@ -25,7 +25,7 @@ from typing import Any
 import keras
 
 from keras_nii.layers.base import IMAGES, MASKS
-from keras_nii.ops.xla import tensorflow_graph_on_cpu, xla_compiled
+from keras_nii.ops.xla import call_compiled, tensorflow_graph_on_cpu
 
 __all__ = ["AugmentedModel"]
 
@@ -103,9 +103,31 @@ class AugmentedModel(keras.Model):
         except Exception:  # noqa: BLE001 - an augmentation that needs masks builds at first use
             pass
 
+    def _check_pair(self, x: Any, y: Any) -> None:
+        """A ValueError naming both shapes when ``y``'s voxels cannot be ``x``'s.
+
+        Images and masks must agree in batch and spatial sizes (the channels
+        may differ); the channel axis is the augmentation's ``data_format``.
+        """
+        formats = [
+            getattr(layer, "data_format", None) for layer in self.augmentation._flatten_layers()
+        ]
+        data_format = next((f for f in formats if f), keras.backend.image_data_format())
+        rank = len(x.shape)
+        channel = rank - 4 if data_format == "channels_first" else rank - 1
+        sizes = zip(tuple(x.shape), tuple(y.shape), strict=True)
+        pairs = [(a, b) for axis, (a, b) in enumerate(sizes) if axis != channel]
+        if any(a is not None and b is not None and a != b for a, b in pairs):
+            raise ValueError(
+                "AugmentedModel: the images x and the segmentation masks y of a batch must "
+                f"have the same batch and spatial sizes; got x of shape {tuple(x.shape)} and "
+                f"y of shape {tuple(y.shape)}"
+            )
+
     def augment(self, x: Any, y: Any = None) -> tuple[Any, Any]:
         """Apply the augmentation to a batch, as the training step does."""
         if y is not None and len(getattr(y, "shape", ())) == len(x.shape):
+            self._check_pair(x, y)
             out = self.augmentation({IMAGES: x, MASKS: y}, training=True)
             return out[IMAGES], out[MASKS]
         return self.augmentation(x, training=True), y
@@ -128,10 +150,10 @@ class AugmentedModel(keras.Model):
 
         def train_step(self, data: Any) -> Any:
             x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-            x, y = self._step_augment()(x, y)
+            x, y = self._step_augment(x, y)
             return super().train_step((x, y, sample_weight))
 
-    def _step_augment(self) -> Any:
+    def _step_augment(self, x: Any, y: Any) -> tuple[Any, Any]:
         """:meth:`augment`, compiled with XLA when TensorFlow's step is not.
 
         Keras trains without XLA on a TensorFlow machine without a GPU (its
@@ -141,15 +163,16 @@ class AugmentedModel(keras.Model):
         inside the step (one XLA cluster for the whole chain); its seed
         variables advance as before. Not under a ``tf.distribute`` strategy
         (Keras leaves XLA out there too), not in an eager step, nor for an
-        augmentation with a layer that does not support XLA.
+        augmentation with a layer that does not support XLA; and within the
+        bound of :func:`keras_nii.ops.xla.call_compiled`'s table.
         """
         if (
             self.jit_compile
             or not tensorflow_graph_on_cpu()
             or not all(layer.supports_jit for layer in self.augmentation._flatten_layers())
         ):
-            return self.augment
-        return xla_compiled(self, "augment")
+            return self.augment(x, y)
+        return call_compiled(self, "augment", x, y)
 
     # saving and export are the wrapped model's: augmentation is for training only
 

@@ -249,39 +249,37 @@ def test_jit_compile_under_tensorflow():
 
 
 @tf_only
-def test_tensorflow_step_without_xla_augments_with_xla():
+def test_tensorflow_step_without_xla_augments_with_xla(xla_room):
     # Keras trains without XLA on a CPU-only TensorFlow; the augmentation alone
     # is then compiled with XLA (the resampler is several times faster there)
     import tensorflow as tf
 
     if tf.config.list_logical_devices("GPU"):
         pytest.skip("a CPU-only TensorFlow check (with a GPU, Keras's fit uses XLA itself)")
+    xla = xla_room
     model = AugmentedModel(identity_net(), spatial_pipeline())
     model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse", jit_compile=False)
-    seen = []
-
-    def in_a_graph(x, y):
-        seen.append(model._step_augment())
-        return seen[-1](x, y)
-
     y = masks()
     x = y.astype("float32")
+    before = xla.compiled_programs()
+    step = tf.function(model._step_augment)
     for _ in range(2):
-        tf.function(in_a_graph)(x, y)
-    step = seen[0]
-    assert step is not model.augment and step._jit_compile is True
-    assert seen[1] is step  # compiled once
-    assert model._step_augment() == model.augment  # an eager step stays eager
+        xa, ya = (keras.ops.convert_to_numpy(t) for t in step(x, y))
+    tf.function(model._step_augment)(x, y)  # a new trace of the same step
+    assert xla.is_compiled(model)
+    assert xla.compiled_programs() == before + 1  # compiled once, for the whole chain
+    model._step_augment(x, y)  # an eager step stays eager
+    assert xla.compiled_programs() == before + 1
     # ... and it augments: images and masks moved together, the mask an int.
     # (TensorFlow's XLA Philox draws other numbers than its CPU kernel for
     # the same seed, so the draws are not the eager ones, and need not be.)
-    xa, ya = (keras.ops.convert_to_numpy(t) for t in step(x, y))
     assert ya.dtype == np.int32
     assert not np.array_equal(xa, x)
     np.testing.assert_array_equal(xa, ya.astype("float32"))
     # a step that is itself compiled with XLA augments inside it, as is
     model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse", jit_compile=True)
-    assert model._step_augment() == model.augment
+    tf.function(model._step_augment, jit_compile=True)(x[:1], y[:1])
+    assert xla.compiled_programs() == before + 1
 
 
 _MIRRORED = textwrap.dedent(
@@ -485,3 +483,27 @@ def test_bad_arguments():
         AugmentedModel("not a model", spatial_pipeline())
     with pytest.raises(ValueError, match="augmentation"):
         AugmentedModel(identity_net(), lambda d: d)
+
+
+@pytest.mark.parametrize("other", ["spatial", "batch"])
+def test_images_and_masks_of_other_sizes_stop_the_step(other):
+    # the step checks the pair itself, whatever the augmentation is (here one
+    # that checks nothing): voxels of x and y that do not correspond are an
+    # error naming both shapes, not a deep one from a reshape, or a silent fit
+    y = masks(n=2)
+    x = y.astype("float32")
+    y = y[:, :, :, :-2] if other == "spatial" else y[:1]
+    model = AugmentedModel(identity_net(), ImagesOnly(spatial_pipeline()))
+    with pytest.raises(ValueError, match="same batch and spatial sizes") as error:
+        model.augment(x, y)
+    assert str(x.shape) in str(error.value) and str(y.shape) in str(error.value)
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    with pytest.raises(ValueError, match="same batch and spatial sizes"):
+        model.train_on_batch(x, y)
+    # keras-nii layers check the pair on their own too
+    with pytest.raises(ValueError, match="same batch and spatial sizes"):
+        AugmentedModel(identity_net(), spatial_pipeline()).augment(x, y)
+    # other channel counts are fine: one label map for two modalities
+    two = np.concatenate([x, x], axis=-1)
+    xa, ya = AugmentedModel(identity_net(), spatial_pipeline()).augment(two, masks(n=2))
+    assert tuple(ya.shape) == (2, 8, 8, 8, 1) and tuple(xa.shape) == (2, 8, 8, 8, 2)

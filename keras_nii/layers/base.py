@@ -30,7 +30,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_nii.ops.xla import tensorflow_graph_on_cpu, xla_compiled
+from keras_nii.ops.xla import call_compiled, tensorflow_graph_on_cpu
 
 __all__ = [
     "VolumeLayer",
@@ -186,6 +186,10 @@ class VolumeLayer(keras.layers.Layer):
     RANDOM = False
     #: whether the layer moves voxels (then masks follow it)
     SPATIAL = False
+    #: a random layer whose output shape differs from its input's: with
+    #: ``training`` false it runs :meth:`transform_for_inference` instead of
+    #: returning its input, so the declared output shape holds at inference
+    CHANGES_SHAPE = False
 
     def __init__(self, data_format: str | None = None, seed: int | None = None, **kwargs: Any):
         super().__init__(**kwargs)
@@ -225,6 +229,13 @@ class VolumeLayer(keras.layers.Layer):
     def compute_spatial_output_shape(self, spatial_shape: tuple) -> tuple:
         return tuple(spatial_shape)
 
+    def transform_for_inference(self, data: dict) -> dict:
+        """What a random layer with ``CHANGES_SHAPE`` does with ``training`` false.
+
+        Takes and returns the canonical ``data`` dict; deterministic.
+        """
+        raise NotImplementedError
+
     # -- the shared machinery ------------------------------------------------
 
     def _split(self, inputs: Any) -> tuple[dict, bool]:
@@ -249,6 +260,53 @@ class VolumeLayer(keras.layers.Layer):
                 f"got shape {tuple(tensor.shape)}"
             )
         return rank
+
+    def _sizes(self, tensor: Any) -> tuple:
+        """The static ``(batch, x, y, z, channels)`` of a rank-4 or 5 tensor (None: unknown;
+        the batch is 1 for rank 4)."""
+        shape = tuple(None if s is None else int(s) for s in tensor.shape)
+        if len(shape) == 4:
+            shape = (1, *shape)
+        if self.data_format == "channels_first":
+            shape = (shape[0], *shape[2:], shape[1])
+        return shape
+
+    def _check_inputs(self, data: dict) -> dict:
+        """The rank of each entry; a ValueError naming the entry for what no layer can take.
+
+        Checks what is known before running: the rank, a complex dtype (its
+        imaginary part would be dropped), an empty spatial or channel axis,
+        and, for a dict, images and masks of different batch or spatial sizes
+        (their voxels would not correspond).
+        """
+        name = type(self).__name__
+        ranks = {}
+        for key, value in data.items():
+            dtype = keras.backend.standardize_dtype(value.dtype)
+            if "complex" in dtype:
+                raise ValueError(
+                    f"{name}: {key} must be real-valued, got dtype {dtype} "
+                    "(take the magnitude, or the real and imaginary parts as two channels)"
+                )
+            ranks[key] = self._rank(key, value)
+            if 0 in self._sizes(value)[1:]:
+                raise ValueError(
+                    f"{name}: {key} has an empty spatial or channel axis: shape "
+                    f"{tuple(value.shape)}"
+                )
+        if len(set(ranks.values())) > 1:
+            raise ValueError(
+                f"{name}: images and segmentation_masks must have the same rank; got {ranks}"
+            )
+        if len(data) == 2:
+            pairs = zip(self._sizes(data[IMAGES])[:4], self._sizes(data[MASKS])[:4], strict=True)
+            if any(a is not None and b is not None and a != b for a, b in pairs):
+                raise ValueError(
+                    f"{name}: images and segmentation_masks must have the same batch and "
+                    f"spatial sizes; got images of shape {tuple(data[IMAGES].shape)} and "
+                    f"segmentation_masks of shape {tuple(data[MASKS].shape)}"
+                )
+        return ranks
 
     def _to_canonical(self, tensor: Any, rank: int) -> Any:
         if rank == 4:
@@ -286,25 +344,27 @@ class VolumeLayer(keras.layers.Layer):
             # Keras's random layers do.
             training = self._called_on_its_own()
         data, was_dict = self._split(inputs)
-        if self.RANDOM and not training:
+        data = {
+            key: value if hasattr(value, "shape") else ops.convert_to_tensor(value)
+            for key, value in data.items()
+        }
+        ranks = self._check_inputs(data)
+        inference = self.RANDOM and not training
+        if inference and not self.CHANGES_SHAPE:
             return inputs
-        ranks = {key: self._rank(key, value) for key, value in data.items()}
-        if len(set(ranks.values())) > 1:
-            raise ValueError(
-                f"{type(self).__name__}: images and segmentation_masks must have the same rank; "
-                f"got {ranks}"
-            )
         if IMAGES in data:
             data[IMAGES] = self._prepare_images(data[IMAGES])
-        else:
+        if MASKS in data:
             data[MASKS] = ops.convert_to_tensor(data[MASKS])
         canonical = {key: self._to_canonical(value, ranks[key]) for key, value in data.items()}
-        transform = self._transform
-        if self.RANDOM and self.supports_jit and tensorflow_graph_on_cpu():
+        if inference:
+            out = self.transform_for_inference(canonical)
+        elif self.RANDOM and self.supports_jit and tensorflow_graph_on_cpu():
             # a TensorFlow graph without XLA (fit on a machine without a GPU,
             # a tf.data map): the resampling layers run 6-8x faster compiled
-            transform = xla_compiled(self, "_transform")
-        out = transform(canonical)
+            out = call_compiled(self, "_transform", canonical)
+        else:
+            out = self._transform(canonical)
         out = {key: self._from_canonical(value, ranks[key]) for key, value in out.items()}
         return out if was_dict else out[IMAGES]
 
@@ -342,8 +402,9 @@ class VolumeLayer(keras.layers.Layer):
                 dtype = self.compute_dtype
             return keras.KerasTensor(self._output_shape_of(tensor.shape), dtype=dtype)
 
-        if isinstance(inputs, dict):
-            self._split(inputs)
+        data, was_dict = self._split(inputs)
+        self._check_inputs(data)
+        if was_dict:
             return {key: spec(key, value) for key, value in inputs.items()}
         return spec(IMAGES, inputs)
 

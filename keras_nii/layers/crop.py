@@ -235,9 +235,11 @@ class RandomCrop3D(VolumeLayer):
     An axis smaller than ``shape`` is first padded centrally with 0 (as by
     :class:`CenterCropOrPad3D`), then cropped.
 
-    A random layer: with ``training=False`` it returns its input unchanged.
-    For inference on whole volumes use :class:`CenterCropOrPad3D` or sliding
-    windows (``keras_nii.inference``).
+    With ``training=False`` (``predict``, ``evaluate``, validation during
+    ``fit``) it returns the central window instead, as Keras's 2D
+    ``RandomCrop`` does, so the patch shape it declares holds at inference
+    too (a layer that needs that shape may follow it). For inference on
+    whole volumes use sliding windows (``keras_nii.inference``).
 
     Args:
         shape: the patch shape ``(x, y, z)``.
@@ -253,7 +255,7 @@ class RandomCrop3D(VolumeLayer):
         Spatial sizes may be dynamic (``None``).
 
     Output shape:
-        ``(batch, *shape, channels)`` in training; dtypes are kept.
+        ``(batch, *shape, channels)``; dtypes are kept.
 
     Example:
 
@@ -265,6 +267,7 @@ class RandomCrop3D(VolumeLayer):
 
     RANDOM = True
     SPATIAL = True
+    CHANGES_SHAPE = True
 
     def __init__(
         self,
@@ -359,6 +362,10 @@ class RandomCrop3D(VolumeLayer):
 
     def transform_segmentation_masks(self, masks: Any, transformation: Any) -> Any:
         return self._crop(masks, transformation)
+
+    def transform_for_inference(self, data: dict) -> dict:
+        """The central window of every sample (padded with 0 where the volume is smaller)."""
+        return {key: _center_crop_or_pad(value, self.shape, 0) for key, value in data.items()}
 
     def draw_transformation(self, data: dict) -> Any:
         """Foreground-centred windows when a mask is given, else uniform ones."""

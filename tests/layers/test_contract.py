@@ -139,12 +139,58 @@ def test_bad_rank_and_unknown_key_name_what_was_received(factory):
         layer({"images": images, "labels": masks})
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_images_and_masks_of_other_sizes_name_both_shapes(factory, training):
+    # the voxels of the two would not correspond: never resample, crop or
+    # flip one onto the other's grid
+    layer = factory()
+    images, masks = make_batch(batch=2)
+    for other in (masks[:, :, :, :-2], masks[:1], masks[:, 1:]):
+        with pytest.raises(ValueError, match="same batch and spatial sizes") as error:
+            layer({"images": images, "segmentation_masks": other}, training=training)
+        assert str(images.shape) in str(error.value) and str(other.shape) in str(error.value)
+    # symbolic tensors too (a functional model is built on them)
+    with pytest.raises(ValueError, match="same batch and spatial sizes"):
+        layer(
+            {
+                "images": keras.Input((SIZE, SIZE, SIZE, 1)),
+                "segmentation_masks": keras.Input((SIZE, SIZE, SIZE - 2, 1), dtype="int32"),
+            }
+        )
+    # a different channel count is fine (one mask for two modalities)
+    two = np.concatenate([images, images], axis=-1)
+    out = to_numpy(layer({"images": two, "segmentation_masks": masks}, training=training))
+    assert out["segmentation_masks"].shape[-1] == 1
+
+
+def test_rank_3_empty_axes_and_complex_inputs_name_the_argument(factory):
+    layer = factory()
+    images, masks = make_batch()
+    with pytest.raises(ValueError, match="images of rank 4"):
+        layer(images[0, ..., 0], training=True)
+    with pytest.raises(ValueError, match="segmentation_masks of rank 4"):
+        layer({"images": images, "segmentation_masks": masks[0, ..., 0]}, training=True)
+    for empty in (images[:, :0], images[:, :, :, :0], images[..., :0]):
+        with pytest.raises(ValueError, match="images has an empty"):
+            layer(empty, training=True)
+    with pytest.raises(ValueError, match="segmentation_masks has an empty"):
+        layer({"segmentation_masks": masks[:, :, :0]}, training=True)
+    with pytest.raises(ValueError, match="images must be real-valued"):
+        layer(images.astype("complex64") * (1 + 1j), training=True)
+
+
 def test_training_false(factory):
     layer = factory()
     images, masks = make_batch()
     data = {"images": images, "segmentation_masks": masks}
     out = to_numpy(layer(data, training=False))
-    if layer.RANDOM:
+    if layer.CHANGES_SHAPE:
+        # the declared output shape holds at inference too, deterministically
+        again = to_numpy(layer(data, training=False))
+        for key in data:
+            assert out[key].shape == tuple(layer.compute_output_shape(images.shape))
+            np.testing.assert_array_equal(out[key], again[key])
+    elif layer.RANDOM:
         np.testing.assert_array_equal(out["images"], images)
         np.testing.assert_array_equal(out["segmentation_masks"], masks)
     else:

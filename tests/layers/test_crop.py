@@ -335,13 +335,50 @@ def test_random_crop_images_only_and_seeds():
     np.testing.assert_array_equal(np.transpose(transposed, (0, 2, 3, 4, 1)), first)
 
 
-def test_random_crop_training_false_is_the_identity():
-    x = coordinates_volume(2, (8, 9, 10))
+def test_random_crop_training_false_is_the_central_window():
+    # as Keras's 2D RandomCrop: the declared patch shape holds at inference too
+    x = coordinates_volume(2, (8, 9, 3))
     mask = (x > 50000).astype("int32")
     layer = RandomCrop3D((4, 4, 4), foreground_probability=1.0, seed=1)
     out = layer({"images": x, "segmentation_masks": mask}, training=False)
-    np.testing.assert_array_equal(to_numpy(out["images"]), x)
-    np.testing.assert_array_equal(to_numpy(out["segmentation_masks"]), mask)
+    # crop start (size - 4) // 2 along x and y; z (3 < 4) padded with 0 after
+    expected = np.pad(x[:, 2:6, 2:6, :, :], ((0, 0), (0, 0), (0, 0), (0, 1), (0, 0)))
+    np.testing.assert_array_equal(to_numpy(out["images"]), expected)
+    np.testing.assert_array_equal(
+        to_numpy(out["segmentation_masks"]), (expected > 50000).astype("int32")
+    )
+    assert to_numpy(out["segmentation_masks"]).dtype == np.int32
+    # rank 4 and channels_first alike
+    np.testing.assert_array_equal(to_numpy(layer(x[0], training=False)), expected[0])
+    first = RandomCrop3D((4, 4, 4), data_format="channels_first")
+    moved = to_numpy(first(np.transpose(x, (0, 4, 1, 2, 3)), training=False))
+    np.testing.assert_array_equal(moved, np.transpose(expected, (0, 4, 1, 2, 3)))
+
+
+def test_random_crop_in_a_model_predicts_and_validates_at_patch_size():
+    # a layer that needs the patch shape follows the crop: predict, evaluate
+    # and validation during fit ran the crop with training=False
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((8, 9, 10, 1)),
+            RandomCrop3D((4, 4, 4), seed=0),
+            keras.layers.Flatten(),
+            keras.layers.Dense(1),
+        ]
+    )
+    model.compile(optimizer="sgd", loss="mse")
+    x = coordinates_volume(2, (8, 9, 10)) / 1e5
+    y = np.zeros((2, 1), "float32")
+    history = model.fit(x, y, validation_data=(x, y), epochs=1, verbose=0)
+    assert np.isfinite(history.history["val_loss"][0])
+    assert model.predict(x, verbose=0).shape == (2, 1)
+    # the prediction is the Dense layer on the central window
+    kernel, bias = (to_numpy(w) for w in model.layers[-1].weights)
+    window = x[:, 2:6, 2:6, 3:7, :].reshape(2, -1)
+    np.testing.assert_allclose(
+        model.predict(x, verbose=0), window @ kernel + bias, rtol=1e-4, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("probability", [0.0, 1.0])

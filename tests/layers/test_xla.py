@@ -135,13 +135,14 @@ def test_resampling_stays_differentiable_through_the_barrier(rng):
 
 
 @tensorflow_only
-def test_random_layers_in_a_tensorflow_graph_run_compiled():
+def test_random_layers_in_a_tensorflow_graph_run_compiled(xla_room):
     # fit on a TensorFlow machine without a GPU traces a graph without XLA;
     # a random layer then runs its draw and transforms as one XLA function
     import tensorflow as tf
 
     from keras_nii.layers import ZScoreNormalization
-    from keras_nii.ops import xla
+
+    xla = xla_room
 
     gpu = bool(tf.config.list_logical_devices("GPU"))
     rng = np.random.default_rng(0)
@@ -155,8 +156,8 @@ def test_random_layers_in_a_tensorflow_graph_run_compiled():
         return affine(d, training=True), zscore(d["images"])
 
     moved, _ = graph(data)
-    assert (affine in xla._COMPILED) == (not gpu)
-    assert zscore not in xla._COMPILED  # deterministic layers stay plain graph ops
+    assert xla.is_compiled(affine) == (not gpu)
+    assert not xla.is_compiled(zscore)  # deterministic layers stay plain graph ops
     images, labels = moved["images"].numpy(), moved["segmentation_masks"].numpy()
     assert labels.dtype == np.int32 and not np.array_equal(labels, masks)
     np.testing.assert_array_equal(images, labels.astype("float32"))  # still one draw
@@ -165,30 +166,142 @@ def test_random_layers_in_a_tensorflow_graph_run_compiled():
     other = RandomAffine3D(degrees=25, seed=1)
     tf.function(lambda t: other(t, training=False))(data["images"])
     other(data["images"], training=True)
-    assert other not in xla._COMPILED
+    assert not xla.is_compiled(other)
     # nor for a layer that says it does not support XLA
     plain = RandomAffine3D(degrees=25, seed=2)
     plain.supports_jit = False
     tf.function(lambda t: plain(t, training=True))(data["images"])
-    assert plain not in xla._COMPILED
+    assert not xla.is_compiled(plain)
 
 
 @tensorflow_only
-def test_the_compiled_table_does_not_keep_layers_alive():
+def test_the_compiled_table_does_not_keep_layers_alive(xla_room):
     import gc
     import weakref
 
     import tensorflow as tf
 
-    from keras_nii.ops import xla
+    xla = xla_room
 
     def use_one() -> weakref.ref:
         layer = RandomFlip3D(seed=0)
         tf.function(lambda t: layer(t, training=True))(np.zeros((1, 4, 4, 4, 1), "float32"))
-        assert (layer in xla._COMPILED) == (not tf.config.list_logical_devices("GPU"))
+        assert xla.is_compiled(layer) == (not tf.config.list_logical_devices("GPU"))
         return weakref.ref(layer)
 
+    gc.collect()
+    held = len(xla._TABLE.entries)
     gone = use_one()
     gc.collect()
     assert gone() is None
-    assert all(owner is not None for owner in xla._COMPILED.keys())
+    assert len(xla._TABLE.entries) == held  # its entry (the tf.function, its graphs) released
+
+
+def _compiled_calls(concrete) -> int:
+    """How many functions of a traced graph are marked for XLA compilation."""
+    library = concrete.graph.as_graph_def().library
+    return sum(bool(f.attr["_XlaMustCompile"].b) for f in library.function)
+
+
+def _cpu_only_tensorflow():
+    import tensorflow as tf
+
+    if tf.config.list_logical_devices("GPU"):
+        pytest.skip("a CPU-only TensorFlow check (with a GPU, nothing is compiled by keras-nii)")
+    return tf
+
+
+@tensorflow_only
+def test_the_compile_table_is_bounded(xla_room):
+    # one layer fed many shapes compiles at most table_size() programs (TF
+    # never frees one); past it, the layer runs as plain graph ops, same result
+    tf = _cpu_only_tensorflow()
+    xla = xla_room
+    xla.set_table_size(xla.compiled_programs() + 2)
+    layer = RandomFlip3D(probability=1.0, seed=0)
+    fn = tf.function(lambda t: layer(t, training=True))
+    rng = np.random.default_rng(0)
+    shapes = [(1, 4, 5, 6, 1), (1, 5, 5, 6, 1), (1, 6, 5, 6, 1), (1, 7, 5, 6, 1)]
+    inputs = [rng.normal(size=shape).astype("float32") for shape in shapes]
+    before = xla.compiled_programs()
+    with pytest.warns(RuntimeWarning, match="CenterCropOrPad3D"):
+        for x in inputs:
+            np.testing.assert_array_equal(fn(x).numpy(), np.flip(x, axis=(1, 2, 3)))
+    assert xla.compiled_programs() == before + 2
+    calls = [_compiled_calls(fn.get_concrete_function(tf.TensorSpec(s))) for s in shapes]
+    assert calls == [1, 1, 0, 0]
+    # a shape seen before finds its program again: nothing new is compiled
+    np.testing.assert_array_equal(fn(inputs[0]).numpy(), np.flip(inputs[0], axis=(1, 2, 3)))
+    assert xla.compiled_programs() == before + 2
+    again = tf.function(lambda t: layer(t, training=True))
+    again(inputs[1])
+    assert xla.compiled_programs() == before + 2
+    with pytest.raises(ValueError, match="size"):
+        xla.set_table_size(-1)
+
+
+@tensorflow_only
+def test_sizes_unknown_past_the_batch_are_not_compiled(xla_room):
+    # XLA would compile one program per size met at run time, beyond any count
+    tf = _cpu_only_tensorflow()
+    xla = xla_room
+    layer = RandomFlip3D(probability=1.0, seed=0)
+    before = xla.compiled_programs()
+    dynamic = tf.function(
+        lambda t: layer(t, training=True),
+        input_signature=[tf.TensorSpec((None, None, None, None, 1))],
+    )
+    for n in (4, 5):
+        x = np.arange(n * 4 * 3, dtype="float32").reshape(1, n, 4, 3, 1)
+        np.testing.assert_array_equal(dynamic(x).numpy(), np.flip(x, axis=(1, 2, 3)))
+    assert xla.compiled_programs() == before and not xla.is_compiled(layer)
+    # an unknown batch size alone is compiled (fit's last, smaller batch)
+    batch = tf.function(
+        lambda t: layer(t, training=True), input_signature=[tf.TensorSpec((None, 4, 4, 3, 1))]
+    )
+    x = np.arange(2 * 48, dtype="float32").reshape(2, 4, 4, 3, 1)
+    np.testing.assert_array_equal(batch(x).numpy(), np.flip(x, axis=(1, 2, 3)))
+    assert xla.compiled_programs() == before + 1
+
+
+_GROWTH = """
+import os, sys
+import numpy as np
+import tensorflow as tf
+from keras_nii.layers import RandomAffine3D
+
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) / 1024
+
+layer = RandomAffine3D(degrees=10, seed=0)
+fn = tf.function(lambda t: layer(t, training=True))
+fn(tf.zeros((1, 8, 8, 8, 1)))
+base = rss()
+for n in range(9, 9 + int(sys.argv[1])):
+    fn(tf.zeros((1, n, n, 8, 1)))
+print(rss() - base)
+"""
+
+
+@tensorflow_only
+def test_many_shapes_grow_the_process_by_a_bounded_amount(tmp_path):
+    # a random affine traced into a graph for 6 new shapes: unbounded, each
+    # compiled an XLA program that TensorFlow keeps (31 MB a shape with its
+    # graphs: ~190 MB); bounded to 1 program, about 75 MB (8.5 MB a shape for
+    # the graphs of the caller's tf.function, which it keeps)
+    import os
+    import subprocess
+    import sys
+
+    _cpu_only_tensorflow()
+    script = tmp_path / "growth.py"
+    script.write_text(_GROWTH)
+    env = dict(os.environ, KERAS_NII_XLA_TABLE_SIZE="1", TF_CPP_MIN_LOG_LEVEL="3")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
+    out = subprocess.run(
+        [sys.executable, str(script), "6"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    growth = float(out.stdout.strip().splitlines()[-1])
+    assert growth < 130, f"RSS grew by {growth:.0f} MB over 6 shapes"
