@@ -250,7 +250,8 @@ class RandomGamma(_IntensityLayer):
     range is kept and negative values (z-scored images) are fine. One gamma per
     sample, drawn log-uniformly in ``gamma`` (so that ``gamma`` and
     ``1 / gamma`` are equally likely for a range like ``(0.5, 2)``); the minimum
-    and maximum are taken per sample and channel.
+    and maximum are taken per sample and channel, over its finite voxels;
+    non-finite voxels (NaN, +-inf) pass through unchanged.
 
     Args:
         gamma: the range of the exponent, a ``(low, high)`` pair with
@@ -305,8 +306,9 @@ class RandomGamma(_IntensityLayer):
 
     def transform_images(self, images: Any, transformation: Any) -> Any:
         x = _work(images)
-        low = reduce_volumes(x, "min")
-        span = reduce_volumes(x, "max") - low
+        finite = ops.isfinite(x)
+        low = reduce_volumes(ops.where(finite, x, math.inf), "min")
+        span = reduce_volumes(ops.where(finite, x, -math.inf), "max") - low
         unit = (x - low) / (span + self.EPSILON)
         gamma = broadcast_per_sample(transformation["gamma"], x)
         # unit ** gamma as exp(gamma * log(unit)): ops.power is 1.5-3x slower on
@@ -316,7 +318,7 @@ class RandomGamma(_IntensityLayer):
         tiny = float(np.finfo(keras.backend.standardize_dtype(x.dtype)).tiny)
         curve = ops.exp(gamma * ops.log(ops.maximum(unit, tiny)))
         curve = ops.where(unit > 0, curve, ops.zeros_like(curve))
-        out = low + span * curve
+        out = ops.where(finite, low + span * curve, x)
         return _select(transformation["apply"], out, images)
 
     def get_config(self) -> dict:
@@ -631,7 +633,8 @@ class RandomContrast3D(_IntensityLayer):
     ``x' = (x - mean) * f + mean`` with ``mean`` the mean of each sample's
     channel over the volume and ``f ~ U(low, high)`` drawn once per sample
     (Keras's ``RandomContrast`` in 3D, without clipping to a value range). The
-    mean is kept.
+    mean is kept. It is the mean of the finite voxels; non-finite ones (NaN,
+    +-inf) pass through unchanged.
 
     Args:
         factor: the range of ``f``: a number ``v`` means ``(1 - v, 1 + v)``,
@@ -679,11 +682,12 @@ class RandomContrast3D(_IntensityLayer):
 
     def transform_images(self, images: Any, transformation: Any) -> Any:
         x = _work(images)
-        shape = ops.shape(x)
-        voxels = ops.cast(shape[1] * shape[2] * shape[3], x.dtype)
-        mean = reduce_volumes(x, "sum") / voxels
+        finite = ops.isfinite(x)
+        count = reduce_volumes(ops.cast(finite, x.dtype), "sum")
+        mean = reduce_volumes(ops.where(finite, x, 0.0), "sum") / ops.maximum(count, 1.0)
         factor = broadcast_per_sample(transformation["factor"], x)
-        return _select(transformation["apply"], (x - mean) * factor + mean, images)
+        out = ops.where(finite, (x - mean) * factor + mean, x)
+        return _select(transformation["apply"], out, images)
 
     def get_config(self) -> dict:
         config = super().get_config()

@@ -7,6 +7,12 @@ sample, never across the batch, in float32 (float64 for float64 inputs) even
 when the images are float16 or bfloat16; the output has the input's dtype
 (integer images are first cast to the layer's compute dtype). Segmentation
 masks pass through untouched.
+
+Non-finite voxels (NaN, +-inf) are left out of every statistic, so one of
+them no longer turns a volume into NaN (z-score) or zero (min-max); they come
+out as NaN and +-inf again (min-max with ``clip`` saturates +-inf at the ends
+of its output range). A volume without one finite voxel gives statistics of
+0 and 1 (z-score), or an empty window (min-max).
 """
 
 from __future__ import annotations
@@ -58,10 +64,44 @@ def _value_nearest_mean(values: Any, keep: Any) -> tuple[Any, Any]:
     first value (0 where ``keep`` drops zeros) and a count of 0.
     """
     count = ops.sum(keep, axis=1, keepdims=True)
-    mean = ops.sum(values * keep, axis=1, keepdims=True) / ops.maximum(count, 1.0)
-    distance = ops.where(keep > 0, ops.abs(values - mean), math.inf)
+    kept = ops.where(keep > 0, values, ops.zeros_like(values))  # NaN * 0 would be NaN
+    mean = ops.sum(kept, axis=1, keepdims=True) / ops.maximum(count, 1.0)
+    distance = ops.where(keep > 0, ops.abs(kept - mean), math.inf)
     index = ops.expand_dims(ops.argmin(distance, axis=1), 1)
-    return ops.take_along_axis(values, index, axis=1), count
+    return ops.take_along_axis(kept, index, axis=1), count
+
+
+def _kept(values: Any, nonzero: bool) -> Any:
+    """Which voxels the statistics take: the finite ones (and non-zero ones)."""
+    keep = ops.isfinite(values)
+    return ops.logical_and(keep, ops.not_equal(values, 0)) if nonzero else keep
+
+
+def _finite_quantiles(flat: Any, fractions: tuple[float, ...]) -> list[Any]:
+    """``numpy.percentile`` (linear) of the finite values along axis 1, per fraction.
+
+    Each comes back shaped like ``flat`` with axis 1 of size 1; 0 for a row
+    without a finite value. NaN sorts last (as +inf), -inf first; the finite
+    values lie in between, from the count of -inf on.
+    """
+    finite = ops.isfinite(flat)
+    ordered = ops.sort(ops.where(ops.isnan(flat), ops.full_like(flat, math.inf), flat), axis=1)
+    count = ops.sum(ops.cast(finite, "int32"), axis=1, keepdims=True)
+    first = ops.sum(ops.cast(ops.logical_and(ops.logical_not(finite), flat < 0), "int32"), 1)
+    first = ops.expand_dims(first, 1)
+    last = ops.maximum(count - 1, 0)
+    end = ops.shape(flat)[1] - 1
+    quantiles = []
+    for fraction in fractions:
+        position = ops.cast(last, flat.dtype) * fraction
+        below = ops.floor(position)
+        low = ops.cast(below, "int32")
+        high = ops.minimum(low + 1, last)
+        v0 = ops.take_along_axis(ordered, ops.minimum(first + low, end), axis=1)
+        v1 = ops.take_along_axis(ordered, ops.minimum(first + high, end), axis=1)
+        value = v0 + (v1 - v0) * (position - below)
+        quantiles.append(ops.where(count > 0, value, ops.zeros_like(value)))
+    return quantiles
 
 
 # ----------------------------------------------------------------------------
@@ -86,7 +126,8 @@ class ZScoreNormalization(VolumeLayer):
     one nearest their mean in a subsample of every 4th voxel along each axis,
     or in the whole volume when that subsample holds none of them), so a
     constant volume has an exactly zero spread and large offsets (CT at
-    -1000 HU) lose no precision.
+    -1000 HU) lose no precision. Non-finite voxels (NaN, +-inf) are left out
+    of the statistics and come out as they went in.
 
     Args:
         nonzero: compute the statistics over the non-zero voxels only and leave
@@ -132,20 +173,18 @@ class ZScoreNormalization(VolumeLayer):
         """A value of the voxels taken into account, near their mean, per row.
 
         Taken from the strided ``subsample`` (a 1/64 of the voxels: cheap).
-        With ``nonzero`` a sparse volume's subsample may hold only zeros; then
-        (and only then: a conditional, not a second pass every time) the
-        whole volume is searched. Any value of the data would keep a constant
+        The subsample may hold none of them (only zeros of a sparse volume
+        with ``nonzero``, only non-finite values); then (and only then: a
+        conditional, not a second pass every time) the whole volume is
+        searched. Any value of the data would keep a constant
         volume exact; one near the mean also keeps ``E[s^2] - E[s]^2`` free
         of cancellation.
         """
-        if not self.nonzero:
-            shift, _ = _value_nearest_mean(subsample, ops.ones_like(subsample))
-            return shift
-        keep = ops.cast(ops.not_equal(subsample, 0), work)
+        keep = ops.cast(_kept(subsample, self.nonzero), work)
         shift, found = _value_nearest_mean(subsample, keep)
 
         def from_the_whole_volume() -> Any:
-            whole, _ = _value_nearest_mean(voxels, ops.cast(ops.not_equal(voxels, 0), work))
+            whole, _ = _value_nearest_mean(voxels, ops.cast(_kept(voxels, self.nonzero), work))
             return ops.where(found > 0, shift, whole)
 
         return ops.cond(ops.any(ops.equal(found, 0)), from_the_whole_volume, lambda: shift)
@@ -167,16 +206,12 @@ class ZScoreNormalization(VolumeLayer):
         subsample = ops.reshape(x[:, ::step, ::step, ::step, :], rows)
         shifted = voxels - self._shift(voxels, subsample, work)
         # count, sum and sum of squares: three reductions of the same shifted
-        # values, none waiting for another (zeros drop out by multiplying with
-        # the mask), where the minimum, the count, the mean and then the
-        # centred squares took four passes, each depending on the last
-        if self.nonzero:
-            inside = ops.not_equal(voxels, 0)
-            masked = shifted * ops.cast(inside, work)
-            count = ops.maximum(reduce_rows(ops.cast(inside, work)), 1.0)
-        else:
-            masked = shifted
-            count = ops.cast(ops.shape(voxels)[1], work)
+        # values, none waiting for another (voxels left out are zeroed), where
+        # the minimum, the count, the mean and then the centred squares took
+        # four passes, each depending on the last
+        keep = _kept(voxels, self.nonzero)
+        masked = ops.where(keep, shifted, ops.zeros_like(shifted))
+        count = ops.maximum(reduce_rows(ops.cast(keep, work)), 1.0)
         mean = reduce_rows(masked) / count
         squares = reduce_rows(ops.square(masked)) / count
         # the shift is a voxel near the mean, so E[s^2] - E[s]^2 cancels little;
@@ -184,9 +219,9 @@ class ZScoreNormalization(VolumeLayer):
         variance = ops.maximum(squares - ops.square(mean), 0.0)
         std = ops.sqrt(variance)
         std = ops.where(std < self.epsilon, ops.ones_like(std), std)
-        out = (shifted - mean) / std
+        out = (shifted - mean) / std  # NaN and +-inf stay what they were
         if self.nonzero:
-            out = ops.where(inside, out, ops.zeros_like(out))
+            out = ops.where(ops.not_equal(voxels, 0), out, ops.zeros_like(out))
         return ops.cast(ops.reshape(out, shape), dtype)
 
     def get_config(self) -> dict:
@@ -208,7 +243,9 @@ class MinMaxNormalization(VolumeLayer):
     ``clip`` clips the result to ``output_range`` so outliers saturate.
 
     When the window is empty (a constant volume, or two percentiles that
-    coincide), every voxel maps to ``output_range[0]``.
+    coincide), every voxel maps to ``output_range[0]``. The minimum, maximum
+    and percentiles are those of the finite voxels; NaN comes out as NaN,
+    +-inf as the ends of ``output_range`` with ``clip`` (+-inf without).
 
     Args:
         output_range: ``(low, high)``, ``low < high``, the target range.
@@ -253,25 +290,23 @@ class MinMaxNormalization(VolumeLayer):
         self.per_channel = check_bool("per_channel", per_channel)
 
     def _bounds(self, x: Any) -> tuple[Any, Any]:
+        """The window of each sample (and channel), over its finite voxels."""
         if self.percentiles is None:
+            finite = ops.isfinite(x)
             return (
-                reduce_volumes(x, "min", self.per_channel),
-                reduce_volumes(x, "max", self.per_channel),
+                reduce_volumes(ops.where(finite, x, math.inf), "min", self.per_channel),
+                reduce_volumes(ops.where(finite, x, -math.inf), "max", self.per_channel),
             )
         shape = ops.shape(x)
-        q = ops.convert_to_tensor([p / 100.0 for p in self.percentiles], dtype=x.dtype)
-        if self.per_channel:
-            flat = ops.reshape(x, (shape[0], -1, shape[4]))
-            bounds = ops.quantile(flat, q, axis=1)  # (2, batch, channels)
-            expand = (1, 1, 1)
-        else:
-            flat = ops.reshape(x, (shape[0], -1))
-            bounds = ops.quantile(flat, q, axis=1)  # (2, batch)
-            expand = (1, 1, 1, 1)
-        low, high = ops.cast(bounds[0], x.dtype), ops.cast(bounds[1], x.dtype)
-        for axis in expand:
-            low, high = ops.expand_dims(low, axis), ops.expand_dims(high, axis)
-        return low, high
+        # a sort along the voxels of each row (ops.quantile fails on a rank-4
+        # input of dynamic sizes in a TF graph, and takes NaN and inf in)
+        channels = shape[4] if self.per_channel else 1
+        rows = (shape[0], -1, channels) if self.per_channel else (shape[0], -1)
+        fractions = tuple(p / 100.0 for p in self.percentiles)
+        low, high = _finite_quantiles(ops.reshape(x, rows), fractions)
+        return ops.reshape(low, (shape[0], 1, 1, 1, channels)), ops.reshape(
+            high, (shape[0], 1, 1, 1, channels)
+        )
 
     def transform_images(self, images: Any, transformation: Any) -> Any:
         dtype = images.dtype
@@ -283,8 +318,10 @@ class MinMaxNormalization(VolumeLayer):
         width = ops.where(empty, ops.ones_like(width), width)
         out = (x - low) / width * (b - a) + a
         out = ops.where(empty, ops.full_like(out, a), out)
+        out = ops.where(ops.isfinite(x), out, x)  # NaN, +-inf: what they were
         if self.clip:
             out = ops.clip(out, a, b)
+        out = ops.where(ops.isnan(x), x, out)  # NaN stays NaN, on every backend
         return ops.cast(out, dtype)
 
     def get_config(self) -> dict:

@@ -353,6 +353,59 @@ def test_gamma_and_contrast_compiled_match_their_formulas(rng):
 
 
 # ----------------------------------------------------------------------------
+# non-finite voxels
+
+
+def with_nonfinite(rng, images):
+    """``images`` with a NaN, a +inf and a -inf in every sample and channel."""
+    images = images.copy()
+    places = ((0, 0, 0), (3, 4, 5), (9, 11, 8))
+    for value, (i, j, k) in zip((np.nan, np.inf, -np.inf), places, strict=True):
+        images[:, i, j, k, :] = value
+    return images
+
+
+def finite_stats(images, function):
+    """``function`` over the finite voxels of each sample and channel, broadcastable."""
+    masked = np.ma.masked_invalid(images.astype("float64"))
+    return np.ma.filled(function(masked, axis=(1, 2, 3), keepdims=True), np.nan)
+
+
+def assert_nonfinite_pass_through(out, images):
+    bad = ~np.isfinite(images)
+    np.testing.assert_array_equal(out[bad], images[bad])  # NaN as NaN, +-inf as +-inf
+    assert np.all(np.isfinite(out[~bad]))
+
+
+@pytest.mark.parametrize("run", ["eager", "compiled"])
+def test_gamma_and_contrast_take_their_statistics_over_finite_voxels(rng, run):
+    # one NaN made the whole volume NaN; the reductions keep their XLA fast path
+    images = with_nonfinite(rng, volume(rng, loc=2.0))
+    finite = np.where(np.isfinite(images), images, 0.0)
+
+    def apply(layer, t):
+        fn = lambda x: layer.transform_images(x, t)  # noqa: E731
+        return to_numpy((compiled(fn) if run == "compiled" else fn)(ops.convert_to_tensor(images)))
+
+    gamma = RandomGamma(gamma=(2.0, 2.0), seed=0)
+    t = to_numpy(gamma.get_random_transformation(3, SHAPE))
+    out = apply(gamma, t)
+    low, high = finite_stats(images, np.ma.min), finite_stats(images, np.ma.max)
+    expected = low + (high - low) * ((finite - low) / (high - low + 1e-7)) ** per_sample(2.0)
+    good = np.isfinite(images)
+    np.testing.assert_allclose(out[good], expected[good], rtol=1e-5, atol=1e-5)
+    assert_nonfinite_pass_through(out, images)
+
+    contrast = RandomContrast3D(factor=0.5, seed=0)
+    t = to_numpy(contrast.get_random_transformation(3, SHAPE))
+    out = apply(contrast, t)
+    mean = finite_stats(images, np.ma.mean)
+    expected = (finite - mean) * per_sample(t["factor"]) + mean
+    np.testing.assert_allclose(out[good], expected[good], rtol=1e-5, atol=1e-5)
+    assert_nonfinite_pass_through(out, images)
+
+
+# ----------------------------------------------------------------------------
 # arguments
 
 

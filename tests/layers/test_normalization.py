@@ -298,6 +298,93 @@ def test_minmax_percentiles_dynamic_shapes_in_graph(rng):
         )
 
 
+@tensorflow_only
+def test_minmax_percentiles_rank_4_dynamic_shapes_in_a_tf_data_map(rng):
+    # failed: "Cannot squeeze axis=0" (ops.quantile on unknown sizes)
+    import tensorflow as tf
+
+    volumes = [rng.normal(size=shape).astype("float32") for shape in [(5, 6, 7, 1), (9, 4, 3, 1)]]
+    dataset = tf.data.Dataset.from_generator(
+        lambda: iter(volumes), output_signature=tf.TensorSpec((None, None, None, 1), tf.float32)
+    ).map(MinMaxNormalization(percentiles=(3, 97)))
+    for x, out in zip(volumes, dataset, strict=True):
+        expected = minmax_reference(x[None], percentiles=(3, 97))[0]
+        np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=2e-6)
+
+
+def _with_nonfinite(x):
+    x = x.copy()
+    x[:, 0, 0, 0, :] = np.nan
+    x[:, 1, 2, 3, :] = np.inf
+    x[:, 4, 3, 2, :] = -np.inf
+    return x
+
+
+def _finite(x, function, per_channel):
+    axes = (1, 2, 3) if per_channel else (1, 2, 3, 4)
+    masked = np.ma.masked_invalid(x.astype("float64"))
+    return np.ma.filled(function(masked, axis=axes, keepdims=True), np.nan)
+
+
+@pytest.mark.parametrize("run", ["eager", "compiled"])
+@pytest.mark.parametrize("nonzero", [False, True])
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_zscore_statistics_over_finite_voxels(rng, run, nonzero, per_channel):
+    # one NaN turned the whole volume NaN; under XLA on a CPU the sums take
+    # ops.reduce's chunked fast path (7 * 6 * 5 voxels leave a remainder)
+    x = rng.normal(3.0, 2.0, size=(2, 7, 6, 5, 2)).astype("float32")
+    x[:, 5:, :, :, :] = 0.0
+    x = _with_nonfinite(x)
+    layer = ZScoreNormalization(nonzero=nonzero, per_channel=per_channel)
+    fn = (lambda t: layer(t)) if run == "eager" else compiled(lambda t: layer(t))
+    out = to_numpy(fn(x))
+    counted = np.where(np.isfinite(x) & ((x != 0) if nonzero else True), x, np.nan)
+    mean = _finite(counted, np.ma.mean, per_channel)
+    std = _finite(counted, np.ma.std, per_channel)
+    expected = (x - mean) / std
+    if nonzero:
+        expected = np.where(x == 0, 0.0, expected)
+    good = np.isfinite(x)
+    np.testing.assert_allclose(out[good], expected[good], rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(out[~good], x[~good])  # NaN as NaN, +-inf as +-inf
+
+
+@pytest.mark.parametrize("run", ["eager", "compiled"])
+@pytest.mark.parametrize("percentiles", [None, (5.0, 95.0)])
+@pytest.mark.parametrize("clip", [True, False])
+def test_minmax_window_over_finite_voxels(rng, run, percentiles, clip):
+    # one inf zeroed 99.9 % of the volume
+    x = _with_nonfinite(rng.normal(size=(2, 7, 6, 5, 2)).astype("float32"))
+    layer = MinMaxNormalization(output_range=(-1.0, 1.0), percentiles=percentiles, clip=clip)
+    fn = (lambda t: layer(t)) if run == "eager" else compiled(lambda t: layer(t))
+    out = to_numpy(fn(x))
+    good = np.isfinite(x)
+    expected = np.empty_like(x, dtype="float64")
+    for s in range(2):
+        for c in range(2):
+            v = x[s, ..., c]
+            kept = v[np.isfinite(v)]
+            if percentiles is None:
+                low, high = kept.min(), kept.max()
+            else:
+                low, high = np.percentile(kept, percentiles)
+            res = (v - low) / (high - low) * 2 - 1
+            expected[s, ..., c] = np.clip(res, -1, 1) if clip else res
+    np.testing.assert_allclose(out[good], expected[good], rtol=1e-5, atol=2e-6)
+    assert np.all(np.isnan(out[np.isnan(x)]))
+    infinite = np.isinf(x)
+    np.testing.assert_array_equal(out[infinite], np.sign(x[infinite]) * (1 if clip else np.inf))
+
+
+def test_a_volume_without_finite_voxels_stays_non_finite():
+    x = np.full((1, 4, 4, 4, 1), np.nan, "float32")
+    x[0, 0] = np.inf
+    for layer in (ZScoreNormalization(), MinMaxNormalization(clip=False)):
+        out = to_numpy(layer(x))
+        np.testing.assert_array_equal(np.isnan(out), np.isnan(x))
+        assert np.all(np.isinf(out[~np.isnan(x)]))
+
+
 # ----------------------------------------------------------------------------
 # IntensityWindow
 
