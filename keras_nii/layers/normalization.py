@@ -24,7 +24,7 @@ import keras
 from keras import ops
 
 from keras_nii.layers.base import VolumeLayer, check_bool, check_number, check_range, register
-from keras_nii.ops.reduce import reduce_rows, reduce_volumes
+from keras_nii.ops.reduce import finite_min_max, reduce_rows
 
 __all__ = ["ZScoreNormalization", "MinMaxNormalization", "IntensityWindow"]
 
@@ -209,11 +209,27 @@ class ZScoreNormalization(VolumeLayer):
         # values, none waiting for another (voxels left out are zeroed), where
         # the minimum, the count, the mean and then the centred squares took
         # four passes, each depending on the last
-        keep = _kept(voxels, self.nonzero)
-        masked = ops.where(keep, shifted, ops.zeros_like(shifted))
-        count = ops.maximum(reduce_rows(ops.cast(keep, work)), 1.0)
+        if self.nonzero:
+            inside = ops.not_equal(voxels, 0)
+            masked = shifted * ops.cast(inside, work)
+            count = ops.maximum(reduce_rows(ops.cast(inside, work)), 1.0)
+        else:
+            masked = shifted
+            count = ops.cast(ops.shape(voxels)[1], work)
         mean = reduce_rows(masked) / count
         squares = reduce_rows(ops.square(masked)) / count
+
+        def over_finite_voxels() -> tuple[Any, Any]:
+            keep = _kept(voxels, self.nonzero)
+            kept = ops.where(keep, shifted, ops.zeros_like(shifted))
+            kept_count = ops.maximum(reduce_rows(ops.cast(keep, work)), 1.0)
+            return reduce_rows(kept) / kept_count, reduce_rows(ops.square(kept)) / kept_count
+
+        # a non-finite voxel makes the sum of squares non-finite: only then are
+        # the sums taken again without them (one conditional, not a mask always)
+        mean, squares = ops.cond(
+            ops.all(ops.isfinite(squares)), lambda: (mean, squares), over_finite_voxels
+        )
         # the shift is a voxel near the mean, so E[s^2] - E[s]^2 cancels little;
         # a constant volume has masked == 0, hence mean == variance == 0 exactly
         variance = ops.maximum(squares - ops.square(mean), 0.0)
@@ -221,7 +237,7 @@ class ZScoreNormalization(VolumeLayer):
         std = ops.where(std < self.epsilon, ops.ones_like(std), std)
         out = (shifted - mean) / std  # NaN and +-inf stay what they were
         if self.nonzero:
-            out = ops.where(ops.not_equal(voxels, 0), out, ops.zeros_like(out))
+            out = ops.where(inside, out, ops.zeros_like(out))
         return ops.cast(ops.reshape(out, shape), dtype)
 
     def get_config(self) -> dict:
@@ -292,11 +308,7 @@ class MinMaxNormalization(VolumeLayer):
     def _bounds(self, x: Any) -> tuple[Any, Any]:
         """The window of each sample (and channel), over its finite voxels."""
         if self.percentiles is None:
-            finite = ops.isfinite(x)
-            return (
-                reduce_volumes(ops.where(finite, x, math.inf), "min", self.per_channel),
-                reduce_volumes(ops.where(finite, x, -math.inf), "max", self.per_channel),
-            )
+            return finite_min_max(x, self.per_channel)
         shape = ops.shape(x)
         # a sort along the voxels of each row (ops.quantile fails on a rank-4
         # input of dynamic sizes in a TF graph, and takes NaN and inf in)
@@ -317,11 +329,12 @@ class MinMaxNormalization(VolumeLayer):
         empty = ops.logical_not(width > 0)
         width = ops.where(empty, ops.ones_like(width), width)
         out = (x - low) / width * (b - a) + a
-        out = ops.where(empty, ops.full_like(out, a), out)
-        out = ops.where(ops.isfinite(x), out, x)  # NaN, +-inf: what they were
+        # the window is finite, so NaN and +-inf come out as they went in (and
+        # the clip, which keeps NaN, saturates +-inf); so too in an empty window
+        inside = ops.where(ops.isfinite(x), ops.full_like(x, a), x)
+        out = ops.where(empty, inside, out)
         if self.clip:
             out = ops.clip(out, a, b)
-        out = ops.where(ops.isnan(x), x, out)  # NaN stays NaN, on every backend
         return ops.cast(out, dtype)
 
     def get_config(self) -> dict:

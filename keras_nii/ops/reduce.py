@@ -19,6 +19,7 @@ used there either.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -26,7 +27,7 @@ from keras import ops
 
 from keras_nii.ops.xla import tensorflow_xla_on_cpu
 
-__all__ = ["PARTS", "reduce_rows", "reduce_volumes"]
+__all__ = ["PARTS", "finite_min_max", "reduce_rows", "reduce_volumes"]
 
 #: how many contiguous chunks a row is folded into before it is reduced
 PARTS = 8
@@ -81,3 +82,27 @@ def reduce_volumes(volumes: Any, kind: str = "sum", per_channel: bool = True) ->
     channels = shape[4] if per_channel else 1
     rows = ops.reshape(volumes, (shape[0], -1, channels) if per_channel else (shape[0], -1))
     return ops.reshape(reduce_rows(rows, kind), (shape[0], 1, 1, 1, channels))
+
+
+def finite_min_max(x: Any, per_channel: bool = True) -> tuple[Any, Any]:
+    """:func:`reduce_volumes`'s minimum and maximum over each volume's finite voxels.
+
+    ``(0, 0)`` for a volume without a finite voxel.
+
+    A non-finite voxel shows in the plain minimum or maximum (NaN, or +-inf;
+    TensorFlow's XLA skips NaN, which leaves them right): only then are they
+    taken again without them, under one conditional.
+    """
+    low = reduce_volumes(x, "min", per_channel)
+    high = reduce_volumes(x, "max", per_channel)
+
+    def over_finite_voxels() -> tuple[Any, Any]:
+        finite = ops.isfinite(x)
+        kept_low = reduce_volumes(ops.where(finite, x, math.inf), "min", per_channel)
+        kept_high = reduce_volumes(ops.where(finite, x, -math.inf), "max", per_channel)
+        none = ops.logical_not(ops.isfinite(kept_low))
+        zero = ops.zeros_like(kept_low)
+        return ops.where(none, zero, kept_low), ops.where(none, zero, kept_high)
+
+    finite = ops.all(ops.logical_and(ops.isfinite(low), ops.isfinite(high)))
+    return ops.cond(finite, lambda: (low, high), over_finite_voxels)
