@@ -50,16 +50,17 @@ def _info_lines(path: str) -> list[str]:
     from keras_nii.io import _read_image, load_nifti
 
     img = _read_image(path)  # the same checks as load_nifti, without reading the data
+    # read (and checked: data, geometry) first, so a bad file is one error line
+    volume = load_nifti(path, canonical=True, dtype="float32", nonfinite="keep")
     header = img.header
     shape = tuple(int(s) for s in img.shape)
-    affine = np.asarray(img.affine, dtype=np.float64)
+    affine = volume.source_affine  # the checked one (a bad sform gives way to the qform)
     sizes = nib.affines.voxel_sizes(affine)
     spatial_unit, time_unit = header.get_xyzt_units()
     slope, inter = img.dataobj.slope, img.dataobj.inter
     own = "".join(nib.aff2axcodes(affine))
     oblique = np.degrees(nib.affines.obliquity(affine))
 
-    volume = load_nifti(path, canonical=True, dtype="float32", nonfinite="keep")
     data = volume.array
     finite = np.isfinite(data)
     n_bad = int(data.size - np.count_nonzero(finite))

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import numpy as np
 
 from keras_nii.io import NIFTI_SUFFIXES, NiftiError, Volume, load_nifti, save_nifti
+from keras_nii.storage import overwritten_input
 
 __all__ = ["predict_nifti", "predict_volume", "load_model", "sliding_window_positions"]
 
@@ -300,11 +301,13 @@ def _check_output_path(out_path: str, inputs: Sequence[str]) -> None:
         raise NiftiError(f"{out_path}: cannot write: folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
         raise NiftiError(f"{out_path}: cannot write: folder {folder} is not writable")
-    for source in inputs:
-        if os.path.abspath(out_path) == os.path.abspath(source) or (
-            os.path.exists(out_path) and os.path.samefile(out_path, source)
-        ):
-            raise ValueError(f"refusing to write {out_path}: it is an input scan")
+    # compared as files (links, case variants, .hdr/.img twins), before the model runs
+    source = overwritten_input([out_path], list(inputs))
+    if source is not None:
+        same = os.path.abspath(source) == os.path.abspath(out_path)
+        raise ValueError(
+            f"refusing to write {out_path}: it is an input scan" + ("" if same else f" ({source})")
+        )
 
 
 def _load_inputs(paths: Sequence[str], canonical: bool) -> tuple[Volume, np.ndarray]:
