@@ -484,7 +484,6 @@ def test_bad_arguments_name_the_argument(build, name):
 
 EXAMPLES = [
     lambda: ZScoreNormalization(nonzero=True, per_channel=False, epsilon=1e-6),
-    lambda: ZScoreNormalization(mean=[95.5, -3.0], std=[48.25, 2.0], nonzero=True),
     lambda: MinMaxNormalization(
         output_range=(-1.0, 1.0), percentiles=(0.5, 99.5), clip=False, per_channel=False
     ),
