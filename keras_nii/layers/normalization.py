@@ -18,6 +18,7 @@ import keras
 from keras import ops
 
 from keras_nii.layers.base import VolumeLayer, check_bool, check_number, check_range, register
+from keras_nii.ops.quantile import quantiles
 from keras_nii.ops.reduce import reduce_rows, reduce_volumes
 
 __all__ = ["ZScoreNormalization", "MinMaxNormalization", "IntensityWindow"]
@@ -72,17 +73,20 @@ _SHIFT_STRIDE = 4
 
 
 def _value_nearest_mean(values: Any, keep: Any) -> tuple[Any, Any]:
-    """Per row of ``values`` (reduced over axis 1): the kept value nearest the
+    """Per row of ``values`` (reduced over axis 1): a kept value nearest the
     mean of the kept values, and how many values are kept.
 
     ``keep`` is ``values``'s 0/1 mask. A row without kept values gives its
-    first value (0 where ``keep`` drops zeros) and a count of 0.
+    largest value (0 where ``keep`` drops zeros) and a count of 0. Of two
+    kept values equally near the mean, the larger. (A minimum and a select,
+    not ``argmin``: under TensorFlow an argmin over floats lowers to bit
+    operations that ONNX and LiteRT cannot run.)
     """
     count = ops.sum(keep, axis=1, keepdims=True)
     mean = ops.sum(values * keep, axis=1, keepdims=True) / ops.maximum(count, 1.0)
     distance = ops.where(keep > 0, ops.abs(values - mean), math.inf)
-    index = ops.expand_dims(ops.argmin(distance, axis=1), 1)
-    return ops.take_along_axis(values, index, axis=1), count
+    nearest = ops.equal(distance, ops.min(distance, axis=1, keepdims=True))
+    return ops.max(ops.where(nearest, values, -math.inf), axis=1, keepdims=True), count
 
 
 # ----------------------------------------------------------------------------
@@ -327,14 +331,14 @@ class MinMaxNormalization(VolumeLayer):
                 reduce_volumes(x, "max", self.per_channel),
             )
         shape = ops.shape(x)
-        q = ops.convert_to_tensor([p / 100.0 for p in self.percentiles], dtype=x.dtype)
+        qs = [p / 100.0 for p in self.percentiles]
         if self.per_channel:
             flat = ops.reshape(x, (shape[0], -1, shape[4]))
-            bounds = ops.quantile(flat, q, axis=1)  # (2, batch, channels)
+            bounds = quantiles(flat, qs, axis=1)  # 2 x (batch, channels)
             expand = (1, 1, 1)
         else:
             flat = ops.reshape(x, (shape[0], -1))
-            bounds = ops.quantile(flat, q, axis=1)  # (2, batch)
+            bounds = quantiles(flat, qs, axis=1)  # 2 x (batch,)
             expand = (1, 1, 1, 1)
         low, high = ops.cast(bounds[0], x.dtype), ops.cast(bounds[1], x.dtype)
         for axis in expand:
