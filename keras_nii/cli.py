@@ -304,7 +304,7 @@ def _fraction(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``keras-nii`` (``bench`` arguments are the benchmark's own)."""
-    from keras_nii.demo import DEFAULTS
+    from keras_nii._defaults import DEMO as DEFAULTS
 
     parser = argparse.ArgumentParser(
         prog=PROG,
