@@ -146,7 +146,9 @@ def test_values_match_scipy_map_coordinates(tmp_path):
 def label_reference(labels, points, values):
     probabilities = np.stack(
         [
-            ndimage.map_coordinates((labels == v).astype(np.float64), points, order=1, mode="nearest")
+            ndimage.map_coordinates(
+                (labels == v).astype(np.float64), points, order=1, mode="nearest"
+            )
             for v in values
         ],
         -1,
@@ -248,7 +250,9 @@ def test_image_round_trip_keeps_the_source_encoding(tmp_path):
     back = np.asarray(written.dataobj)
     # a linear field goes there and back unchanged wherever both sample points are inside
     interior = (slice(1, -1),) * 3
-    np.testing.assert_allclose(back[interior], field[interior], atol=32 * EPS32 * np.abs(field).max())
+    np.testing.assert_allclose(
+        back[interior], field[interior], atol=32 * EPS32 * np.abs(field).max()
+    )
 
 
 def test_resampling_object_is_exact_and_invertible():
