@@ -469,6 +469,66 @@ class Plan:
         layers.append(ZScoreNormalization(mean=norm["mean"], std=norm["std"]))
         return layers
 
+    def thick_axes(self) -> list[int]:
+        """The axes of ``target_spacing`` over :data:`ANISOTROPY` times its finest axis."""
+        finest = min(self.target_spacing)
+        return [a for a in range(3) if self.target_spacing[a] > ANISOTROPY * finest]
+
+    def augmentation_layers(self, seed: int | None = None) -> list:
+        """A starting point for spatial augmentation at ``target_spacing``, in mm.
+
+        ``[RandomFlip3D(), RandomAffine3D(..., spacing=target_spacing)]``:
+        rotations are physical angles and zooms are drawn per sample with
+        probability 0.5. Without a thick axis (see :meth:`thick_axes`): up to
+        30 degrees about each axis and one zoom factor in (0.7, 1.4) (nnU-Net's
+        ranges). With one thick axis, "dummy 2D" (nnU-Net's choice for such
+        data): rotation about the thick axis only, up to 180 degrees, zoom
+        in the slice plane only, so that nothing is interpolated across the
+        thick slices. With two thick axes, flips only.
+
+        Args:
+            seed: the seed of the first layer (the next gets ``seed + 1``),
+                or ``None``.
+        """
+        from keras_nii.layers import RandomAffine3D, RandomFlip3D
+
+        def next_seed(offset: int) -> int | None:
+            return None if seed is None else seed + offset
+
+        layers = [RandomFlip3D(seed=next_seed(0))]
+        thick = self.thick_axes()
+        if len(thick) > 1:
+            return layers
+        spacing = [float(v) for v in self.target_spacing]
+        if not thick:
+            layers.append(
+                RandomAffine3D(
+                    degrees=30,
+                    scales=(0.7, 1.4),
+                    isotropic=True,
+                    probability=0.5,
+                    spacing=spacing,
+                    seed=next_seed(1),
+                )
+            )
+            return layers
+        [axis] = thick
+        degrees = [0.0, 0.0, 0.0]
+        degrees[axis] = 180.0
+        scales = [(0.7, 1.4)] * 3
+        scales[axis] = (1.0, 1.0)
+        layers.append(
+            RandomAffine3D(
+                degrees=degrees,
+                scales=scales,
+                isotropic=False,
+                probability=0.5,
+                spacing=spacing,
+                seed=next_seed(1),
+            )
+        )
+        return layers
+
     # -- JSON -----------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
