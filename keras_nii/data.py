@@ -28,6 +28,7 @@ import keras
 import numpy as np
 
 from keras_nii.io import NiftiError, load_nifti
+from keras_nii.sharding import Shard, check_shard, detect_shard, share
 
 __all__ = ["NiftiDataset", "center_crop_or_pad", "NIFTI_FILE_SUFFIXES"]
 
@@ -317,6 +318,15 @@ class NiftiDataset(keras.utils.PyDataset):
         use_multiprocessing: passed to ``keras.utils.PyDataset``: processes
             instead of threads. The dataset is picklable.
         max_queue_size: passed to ``keras.utils.PyDataset``.
+        shard: which subjects this process reads in a multi-process job.
+            ``"auto"`` (default): its share when a ``keras.distribution``
+            distribution is set on the JAX backend with several processes,
+            everything otherwise. ``(index, count)``: share ``index`` of
+            ``count``. ``None``: everything. Every process draws the same
+            global order from ``seed`` and reads every ``count``-th subject of
+            it; the order is padded by repeating subjects so that every
+            process runs the same number of steps. ``batch_size`` is per
+            process: a step's global batch is ``count * batch_size``.
 
     Example:
 
@@ -346,6 +356,7 @@ class NiftiDataset(keras.utils.PyDataset):
         workers: int = 1,
         use_multiprocessing: bool = False,
         max_queue_size: int = 10,
+        shard: Shard | str | None = "auto",
     ) -> None:
         super().__init__(
             workers=workers, use_multiprocessing=use_multiprocessing, max_queue_size=max_queue_size
@@ -381,13 +392,22 @@ class NiftiDataset(keras.utils.PyDataset):
         self._memory: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
         self._rng = np.random.default_rng(seed)
         n = len(self.images)
-        self._order = self._rng.permutation(n) if self.shuffle else np.arange(n)
+        self.shard = check_shard(shard)
+        if self.shuffle and seed is None and isinstance(self.shard, tuple) and self.shard[1] > 1:
+            raise ValueError(
+                f"shard={self.shard} with shuffle=True needs a seed: every process must draw "
+                "the same global order of subjects"
+            )
+        # the epoch's order over all processes; each reads its share (see _order)
+        self._global_order = self._rng.permutation(n) if self.shuffle else np.arange(n)
 
     # ------------------------------------------------------------------ PyDataset
 
     def __len__(self) -> int:
-        """Number of batches: ``ceil(len(images) / batch_size)``."""
-        return math.ceil(len(self.images) / self.batch_size)
+        """Number of batches: ``ceil(len(images) / batch_size)``, or, when
+        sharded over ``count`` processes, ``ceil(ceil(len(images) / count) /
+        batch_size)`` in every process."""
+        return math.ceil(len(self._order) / self.batch_size)
 
     def __getitem__(self, index: int):
         """Batch ``index``: ``x``, or ``(x, y)`` when there are labels."""
@@ -416,14 +436,35 @@ class NiftiDataset(keras.utils.PyDataset):
     def on_epoch_end(self) -> None:
         """Draw a new subject order (with ``shuffle=True``)."""
         if self.shuffle:
-            self._order = self._rng.permutation(len(self.images))
+            self._global_order = self._rng.permutation(len(self.images))
 
     # ------------------------------------------------------------------ helpers
 
     @property
     def order(self) -> np.ndarray:
-        """The subject indices of this epoch, in batch order (a copy)."""
+        """The subject indices this process reads this epoch, in batch order (a copy)."""
         return self._order.copy()
+
+    @property
+    def process_shard(self) -> Shard | None:
+        """``(index, count)`` of the share this process reads, or ``None`` for all.
+
+        ``shard="auto"`` is resolved when asked (a distribution may be set
+        after the dataset is made): see :func:`keras_nii.sharding.detect_shard`.
+        """
+        if self.shard != "auto":
+            return self.shard
+        shard = detect_shard()
+        if shard is not None and self.shuffle and self.seed is None:
+            raise ValueError(
+                f"NiftiDataset is sharded over {shard[1]} processes and shuffles: pass a seed, "
+                "so that every process draws the same global order of subjects"
+            )
+        return shard
+
+    @property
+    def _order(self) -> np.ndarray:
+        return share(self._global_order, self.process_shard)
 
     @classmethod
     def from_folder(
