@@ -63,9 +63,8 @@ def _dataset(tmp_path, n=5, **kwargs):
     folder = tmp_path / "data"
     if not folder.exists():
         make_dataset(folder, n, shape=(8, 8, 8), seed=1)
-    pairs = sorted(zip(sorted((folder / "images").iterdir()), sorted((folder / "labels").iterdir())))
-    images = [str(i) for i, _ in pairs]
-    labels = [str(m) for _, m in pairs]
+    images = sorted(str(p) for p in (folder / "images").iterdir())
+    labels = sorted(str(p) for p in (folder / "labels").iterdir())
     return NiftiDataset(images, labels, **kwargs)
 
 
