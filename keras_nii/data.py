@@ -418,7 +418,10 @@ class NiftiDataset(keras.utils.PyDataset):
             index += n_batches
         if not 0 <= index < n_batches:
             raise IndexError(f"batch index {index} out of range for {n_batches} batches")
-        subjects = self._order[index * self.batch_size : (index + 1) * self.batch_size]
+        return self._batch(self._order[index * self.batch_size : (index + 1) * self.batch_size])
+
+    def _batch(self, subjects: np.ndarray):
+        """The batch of these subjects: ``x``, or ``(x, y)`` when there are labels."""
         xs, ys = [], []
         for subject in subjects:
             modalities, y = self._sample(int(subject))
@@ -444,6 +447,55 @@ class NiftiDataset(keras.utils.PyDataset):
     def order(self) -> np.ndarray:
         """The subject indices this process reads this epoch, in batch order (a copy)."""
         return self._order.copy()
+
+    def as_grain(
+        self,
+        *,
+        num_epochs: int | None = 1,
+        worker_count: int = 0,
+        worker_buffer_size: int = 1,
+        drop_remainder: bool = False,
+    ) -> Any:
+        """The same feed as a ``grain.DataLoader`` (optional extra ``[grain]``).
+
+        Each record is one subject's sample, read exactly as in this dataset's
+        batches (crop / pad to ``shape``, modalities as channels, label maps,
+        caches); Grain batches ``batch_size`` of them. Grain's sampler draws
+        the order from ``seed`` (a new permutation every epoch with
+        ``shuffle=True``; not the same permutation as the PyDataset's) and, in
+        a multi-process job (``shard``), gives each process an equal share
+        (``grain.sharding.ShardByJaxProcess(drop_remainder=True)``). The
+        loader's iterators are checkpointable: ``state = it.get_state()``
+        after step ``n``, then ``it = iter(loader); it.set_state(state)`` in a
+        new process continues with batch ``n + 1``.
+
+        Args:
+            num_epochs: passes over the data before the iterator ends (``None``:
+                endless). For ``model.fit(loader, epochs=E)`` pass
+                ``num_epochs=E`` and ``steps_per_epoch=len(dataset)``, so the
+                epochs are the sampler's (reshuffled) passes.
+            worker_count: Grain worker processes (0: read in this process).
+            worker_buffer_size: batches each worker prepares ahead.
+            drop_remainder: drop a last, smaller batch of each pass.
+
+        Example:
+
+        ```python
+        ds = NiftiDataset(images, labels, batch_size=2, shape=(96, 96, 96),
+                          shuffle=True, seed=0)
+        loader = ds.as_grain(num_epochs=10, worker_count=4)
+        model.fit(loader, epochs=10, steps_per_epoch=len(ds))
+        ```
+        """
+        from keras_nii.grain import grain_loader
+
+        return grain_loader(
+            self,
+            num_epochs=num_epochs,
+            worker_count=worker_count,
+            worker_buffer_size=worker_buffer_size,
+            drop_remainder=drop_remainder,
+        )
 
     @property
     def process_shard(self) -> Shard | None:
