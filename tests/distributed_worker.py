@@ -26,12 +26,16 @@ import jax  # noqa: E402
 MODE, PID, COUNT, PORT, DATA, OUT = sys.argv[1:7]
 PID, COUNT = int(PID), int(COUNT)
 if PID >= 0:
+    # the launch the README documents: Keras's variables, gloo for CPU collectives
+    os.environ["KERAS_DISTRIBUTION_JOB_ADDRESSES"] = f"127.0.0.1:{PORT}"
+    os.environ["KERAS_DISTRIBUTION_NUM_PROCESSES"] = str(COUNT)
+    os.environ["KERAS_DISTRIBUTION_PROCESS_ID"] = str(PID)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=f"127.0.0.1:{PORT}", num_processes=COUNT, process_id=PID
-    )
 
 import keras  # noqa: E402
+
+if PID >= 0:
+    keras.distribution.initialize()
 import numpy as np  # noqa: E402
 
 import keras_nii  # noqa: E402
