@@ -23,6 +23,7 @@ _NAMES = {
     "AugmentedModel": "keras_nii.training",
     "NiftiDataset": "keras_nii.data",
     "predict_nifti": "keras_nii.inference",
+    "fingerprint": "keras_nii.plan",
     "NiftiError": "keras_nii.io",
     "Volume": "keras_nii.io",
     "load_nifti": "keras_nii.io",
@@ -56,6 +57,7 @@ __all__ = [
     "AugmentedModel",
     "NiftiDataset",
     "predict_nifti",
+    "fingerprint",
     "NiftiError",
     "Volume",
     "load_nifti",
@@ -68,6 +70,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ does th
     from keras_nii.data import NiftiDataset
     from keras_nii.inference import predict_nifti
     from keras_nii.io import NiftiError, Volume, load_nifti, save_nifti
+    from keras_nii.plan import fingerprint
     from keras_nii.training import AugmentedModel
 
 

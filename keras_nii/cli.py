@@ -1,4 +1,4 @@
-"""The ``keras-nii`` command: ``demo``, ``info``, ``predict``, ``export`` and ``bench``.
+"""The ``keras-nii`` command: ``demo``, ``info``, ``plan``, ``predict``, ``export`` and ``bench``.
 
 Run ``keras-nii --help``, or ``keras-nii COMMAND --help``. Expected problems
 (a missing or damaged file, a bad argument) end the command with one line,
@@ -131,6 +131,55 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if failed and len(args.files) > 1:
         _error(f"{failed} of {len(args.files)} file(s) could not be read")
     return 1 if failed else 0
+
+
+# --------------------------------------------------------------------------- #
+# plan
+# --------------------------------------------------------------------------- #
+
+
+class _ProgressBar:
+    """``[#####.....] 12/40 name`` on stderr, redrawn in place."""
+
+    WIDTH = 30
+
+    def __init__(self, stream: Any):
+        self.stream = stream
+        self.drawn = 0
+
+    def __call__(self, done: int, total: int, path: str) -> None:
+        filled = self.WIDTH * done // total
+        line = f"{PROG} plan: [{'#' * filled}{'.' * (self.WIDTH - filled)}] {done}/{total} "
+        line += os.path.basename(path)
+        self.stream.write("\r" + line.ljust(self.drawn))
+        self.drawn = len(line)
+        if done == total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from keras_nii.plan import fingerprint
+
+    for folder in (args.images_dir, args.labels_dir):
+        if folder is not None and not os.path.isdir(folder):
+            raise CommandError(f"{folder}: no such folder")
+    show = args.progress if args.progress is not None else sys.stderr.isatty()
+    plan = fingerprint(
+        args.images_dir,
+        args.labels_dir,
+        modality=args.modality,
+        max_voxels=args.max_voxels,
+        progress=_ProgressBar(sys.stderr) if show else None,
+    )
+    if args.json == "-":
+        sys.stdout.write(plan.to_json())
+        return 0
+    print(plan.report(), flush=True)
+    if args.json is not None:
+        plan.to_json(args.json)
+        print(f"wrote {args.json}")
+    return 0
 
 
 # --------------------------------------------------------------------------- #
@@ -425,6 +474,49 @@ def build_parser() -> argparse.ArgumentParser:
         "files", nargs="+", metavar="FILE", help="NIfTI files (.nii, .nii.gz, .hdr/.img)"
     )
     info.set_defaults(handler=_cmd_info)
+
+    plan = commands.add_parser(
+        "plan",
+        help="fingerprint a dataset: spacings, shapes, intensities, labels; suggest a setup",
+        description=(
+            "Read every NIfTI file of IMAGES_DIR (and the label map of the same name in "
+            "LABELS_DIR) and print, per file and for the dataset: shape, voxel spacing (median "
+            "and 10th percentile per axis), orientation, foreground intensities (0.5 / 99.5 "
+            "percentiles, mean, std; the foreground is the label maps' non-zero voxels, else "
+            "the images' non-zero voxels) and label fractions. Then the suggestions: "
+            "target_spacing, median_shape at that spacing, patch_size and the normalization "
+            "(CT: clip + dataset z-score; MR: per-sample z-score). See keras_nii.plan."
+        ),
+    )
+    plan.add_argument("images_dir", metavar="IMAGES_DIR", help="folder of .nii / .nii.gz images")
+    plan.add_argument(
+        "labels_dir", nargs="?", metavar="LABELS_DIR", help="folder of label maps (same names)"
+    )
+    plan.add_argument(
+        "--json",
+        metavar="FILE",
+        help="also write the plan as JSON to FILE ('-': print only the JSON, on stdout)",
+    )
+    plan.add_argument(
+        "--modality",
+        choices=("auto", "ct", "mr"),
+        default="auto",
+        help="auto: CT if the intensities are Hounsfield units (default: %(default)s)",
+    )
+    plan.add_argument(
+        "--max-voxels",
+        type=_positive_int,
+        default=128**3,
+        metavar="N",
+        help="voxel budget of the suggested patch (default: %(default)s = 128^3)",
+    )
+    plan.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a progress bar on stderr (default: when stderr is a terminal)",
+    )
+    plan.set_defaults(handler=_cmd_plan)
 
     predict = commands.add_parser(
         "predict",
