@@ -4,7 +4,8 @@ Run ``keras-nii --help``, or ``keras-nii COMMAND --help``. Expected problems
 (a missing or damaged file, a bad argument) end the command with one line,
 ``keras-nii: error: ...``, on stderr and a non-zero exit status; ``--traceback``
 shows the full Python traceback instead. TensorFlow and Keras are imported only
-by the commands that run a model.
+by the commands that run a model, and then without TensorFlow's own log lines
+(see :mod:`keras_nii.quiet`) unless ``--verbose`` is given.
 """
 
 from __future__ import annotations
@@ -26,6 +27,15 @@ _EXPECTED = (ValueError, OSError, ImportError)
 
 class CommandError(Exception):
     """An error to report in one line (the message says what to do)."""
+
+
+def _quiet(args: argparse.Namespace | None, module: str = "keras") -> None:
+    """Import Keras (or TensorFlow) without TensorFlow's log lines, unless --verbose."""
+    if args is not None and getattr(args, "verbose", False):
+        return
+    from keras_nii.quiet import quiet_tensorflow
+
+    quiet_tensorflow(module)
 
 
 def _version() -> str:
@@ -205,7 +215,10 @@ class _Guarded:
     """A model as predict_volume calls it, whose own failures become _ModelFailed."""
 
     def __init__(self, model: Any):
+        from keras_nii.inference import size_divisor
+
         self.input_shape = getattr(model, "input_shape", None)
+        self.size_divisor = size_divisor(model)
         self._run = model.predict_on_batch if hasattr(model, "predict_on_batch") else model
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -241,6 +254,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if args.patch_size is not None and min(args.patch_size) < 1:
         raise CommandError(f"--patch-size must be three positive integers, got {args.patch_size}")
 
+    _quiet(args, "tensorflow" if os.path.isdir(args.model) else "keras")
     from keras_nii.inference import load_model, predict_nifti
 
     model = _Guarded(load_model(args.model))
@@ -256,13 +270,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             threshold=args.threshold,
             blend=args.blend,
             margin=args.margin,
+            size_divisor=args.size_divisor,
         )
     except _ModelFailed as err:
         shape = " x ".join(str(s) for s in err.batch_shape[1:4])
         raise CommandError(
             f"the model failed on windows of {shape} voxels of {', '.join(args.inputs)} "
-            f"({err.reason}); if it needs particular input sizes (a U-Net: multiples of "
-            "2**levels), pass --patch-size with such sizes"
+            f"({err.reason}); if it needs input sizes that are multiples of some N (a U-Net: "
+            "2**levels), pass --size-divisor N"
         ) from err
 
     import nibabel as nib
@@ -324,6 +339,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    _quiet(args)
     from keras_nii.demo import run_demo
 
     run_demo(
@@ -405,6 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--traceback",
         action="store_true",
         help="show the full Python traceback of an error instead of one line",
+    )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="let TensorFlow print its own log lines (hidden by default)",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -547,6 +568,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="sliding-window size (default: the model's fixed input size, else the whole scan)",
     )
     predict.add_argument(
+        "--size-divisor",
+        type=_positive_int,
+        metavar="N",
+        help="pad the scan to multiples of N voxels for the model, and crop the result back "
+        "(default: what the model records, 2**levels for a keras-nii unet3d, else 1)",
+    )
+    predict.add_argument(
         "--overlap",
         type=_fraction,
         default=0.5,
@@ -654,7 +682,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     show_traceback = "--traceback" in argv[:command_at]
     try:
         if command_at < len(argv) and argv[command_at] == "bench":
-            if all(word == "--traceback" for word in argv[:command_at]):
+            if all(word in ("--traceback", "--verbose") for word in argv[:command_at]):
+                rest = argv[command_at + 1 :]
+                if "--verbose" not in argv[:command_at] and not {"-h", "--help"} & set(rest):
+                    _quiet(None)
                 return _cmd_bench(argv[command_at + 1 :])
         parser = build_parser()
         args = parser.parse_args(argv)

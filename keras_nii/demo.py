@@ -276,6 +276,8 @@ def run_demo(
     )
     callback = _validation_callback(net, val_ds)
     fit_start = time.perf_counter()
+    # Keras prints nothing until the first step has been traced and compiled
+    log("compiling the training step (epoch 1 includes it and is the slowest)...")
     model.fit(train_ds, epochs=epochs, callbacks=[callback], verbose=verbose)
     fit_seconds = time.perf_counter() - fit_start
 

@@ -10,6 +10,7 @@ input file, whatever its orientation.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 from collections.abc import Callable, Sequence
@@ -20,7 +21,13 @@ import numpy as np
 
 from keras_nii.io import NIFTI_SUFFIXES, NiftiError, Volume, load_nifti, save_nifti
 
-__all__ = ["predict_nifti", "predict_volume", "load_model", "sliding_window_positions"]
+__all__ = [
+    "predict_nifti",
+    "predict_volume",
+    "load_model",
+    "size_divisor",
+    "sliding_window_positions",
+]
 
 Output = Literal["labels", "probabilities"]
 
@@ -76,6 +83,7 @@ def load_model(path: str | os.PathLike) -> Callable[[np.ndarray], np.ndarray]:
         # are deleted with it
         run.saved_model = loaded
         run.input_shape = _saved_model_input_shape(serve)
+        run.size_divisor = _saved_model_divisor(loaded)
         return run
     if path.lower().endswith((".onnx", ".tflite")):
         # run without Keras or TensorFlow (keras_nii.serving)
@@ -116,6 +124,67 @@ def _saved_model_input_shape(serve: Any) -> tuple | None:
         return tuple(specs[0].shape.as_list())
     except ValueError:  # unknown rank
         return None
+
+
+def _saved_model_divisor(loaded: Any) -> tuple[int, int, int] | None:
+    """The divisor a SizeDivisor layer stored as a variable in an exported model."""
+    for variable in getattr(loaded, "variables", ()):
+        name = getattr(variable, "name", "")
+        if name.split("/")[-1].split(":")[0] == "size_divisor" and variable.shape == (3,):
+            return tuple(int(v) for v in np.asarray(variable.numpy()))
+    return None
+
+
+# the layers that divide a spatial size by their strides (transposed convolutions multiply)
+_DOWNSAMPLING = ("MaxPooling3D", "AveragePooling3D", "Conv3D", "DepthwiseConv3D", "SeparableConv3D")
+
+
+def size_divisor(model: Any) -> tuple[int, int, int] | None:
+    """The multiple that the spatial sizes of a model's input must be, if it is known.
+
+    - a model with a :class:`keras_nii.models.SizeDivisor` layer (every
+      :func:`keras_nii.models.unet3d`), also loaded from a ``.keras`` file or
+      an exported SavedModel (:func:`load_model`): its stored divisor;
+    - an object with a ``size_divisor`` attribute: that;
+    - another Keras model: the product, per axis, of the strides of its 3D
+      pooling and strided convolution layers (a U-Net with ``n`` poolings by
+      2: ``2**n``); this can overestimate for a model with parallel
+      downsampling branches, which only costs some padding;
+    - otherwise (a plain function, a SavedModel without the layer): ``None``.
+      Pass ``size_divisor=`` to :func:`predict_nifti` for such a model.
+    """
+    value = getattr(model, "size_divisor", None)
+    if value is not None and not hasattr(value, "shape"):  # not a layer's weight
+        return tuple(int(v) for v in value)
+    layers = getattr(model, "layers", None)
+    if layers is None:
+        return None
+    divisor = [1, 1, 1]
+    stack = list(layers)
+    while stack:
+        layer = stack.pop()
+        if type(layer).__name__ == "SizeDivisor":
+            return tuple(int(v) for v in layer.divisor)
+        if hasattr(layer, "layers"):  # a nested model
+            stack.extend(layer.layers)
+            continue
+        if type(layer).__name__ in _DOWNSAMPLING:
+            strides = getattr(layer, "strides", None) or getattr(layer, "pool_size", None)
+            if strides is not None:
+                strides = [strides] * 3 if isinstance(strides, int) else list(strides)
+                divisor = [d * int(s) for d, s in zip(divisor, strides, strict=False)]
+    return tuple(divisor)
+
+
+def _divisor_argument(value: Any, model: Any) -> tuple[int, int, int]:
+    if value is None:
+        return size_divisor(model) or (1, 1, 1)
+    values = [value] * 3 if isinstance(value, (int, np.integer)) else list(value)
+    if len(values) != 3 or not all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in values
+    ):
+        raise ValueError(f"size_divisor must be a positive int or 3 of them, got {value!r}")
+    return tuple(int(v) for v in values)
 
 
 def _model_input_shape(model: Any) -> tuple | None:
@@ -194,6 +263,7 @@ def predict_volume(
     batch_size: int = 2,
     blend: Literal["gaussian", "constant"] = "gaussian",
     margin: int = 0,
+    size_divisor: int | Sequence[int] | None = None,
 ) -> np.ndarray:
     """Run a model over one ``(x, y, z, c)`` volume, in sliding windows if needed.
 
@@ -202,7 +272,9 @@ def predict_volume(
             callable mapping a ``(b, x, y, z, c)`` batch to ``(b, x, y, z, k)``.
         array: the volume, channels last.
         patch_size: window size ``(x, y, z)``. Default: the model's fixed input
-            size when it has one, else the whole volume in one pass.
+            size when it has one, else the whole volume in one pass, zero
+            padded (at the end of each axis) to a multiple of ``size_divisor``,
+            the result cropped back. An explicit size must be such a multiple.
         overlap: fraction of a window shared with its neighbour, in ``[0, 1)``.
         batch_size: windows per model call.
         blend: how overlapping windows are averaged: ``"gaussian"`` weights
@@ -213,6 +285,9 @@ def predict_volume(
             least its receptive-field radius, the sliding-window result equals
             the whole-volume result. The overlap must leave ``2 * margin``
             voxels shared between neighbouring windows.
+        size_divisor: the multiple the model's input sizes must be (an int or
+            one per axis). Default: what :func:`size_divisor` finds (a
+            ``unet3d``: ``2**levels``), else 1.
 
     Returns:
         ``(x, y, z, k)`` float32 predictions for every voxel.
@@ -239,11 +314,17 @@ def predict_volume(
     if isinstance(margin, bool) or not isinstance(margin, int) or margin < 0:
         raise ValueError(f"margin must be a non-negative int, got {margin!r}")
     spatial = array.shape[:3]
+    divisor = _divisor_argument(size_divisor, model)
     if patch_size is None:
-        patch_size = spatial
+        patch_size = tuple(-(-s // d) * d for s, d in zip(spatial, divisor, strict=True))
     patch = tuple(int(p) for p in patch_size)
     if len(patch) != 3 or min(patch) < 1:
         raise ValueError(f"patch_size must be three positive ints, got {patch_size!r}")
+    if any(p % d for p, d in zip(patch, divisor, strict=True)):
+        raise ValueError(
+            f"patch_size {patch} is not a multiple of the model's size divisor {divisor}: "
+            "pass a patch_size of multiples, or leave it unset (the scan is then padded)"
+        )
 
     # pad a volume smaller than the window, predict, crop back
     pad = [(0, max(0, p - s)) for p, s in zip(patch, spatial, strict=True)]
@@ -302,6 +383,50 @@ def _to_labels(prediction: np.ndarray, threshold: float) -> np.ndarray:
     return labels
 
 
+def _output_header(header: Any, result: np.ndarray, output: str, classes: int) -> Any:
+    """The source header, fitted to a label or probability map made from it.
+
+    Geometry (affine, sform / qform and their codes, voxel sizes, the spatial
+    unit) stays the source's. What described the source's values or its time
+    axis does not carry over: the display range (``cal_min`` / ``cal_max``)
+    becomes the output's (labels ``0 .. K-1``, probabilities ``0 .. 1``), the
+    intent says what the values are (``label``; ``estimate`` named
+    ``probabilities``), ``descrip`` says what made the file, there is no
+    scaling, and a 4th axis (classes, not time) has no time unit, step, offset
+    or slice timing.
+    """
+    import nibabel as nib
+
+    if not isinstance(header, nib.Nifti1Header):  # a volume made in memory: nothing to fit
+        return header
+    from keras_nii import __version__
+
+    header = header.copy()
+    header.set_data_dtype(result.dtype)
+    header.set_slope_inter(np.nan, np.nan)
+    spatial_unit = header.get_xyzt_units()[0]
+    header.set_xyzt_units(xyz=spatial_unit, t="unknown")
+    header["pixdim"][4:] = 1.0
+    header["toffset"] = 0.0
+    header["slice_code"] = 0
+    header["slice_start"] = 0
+    header["slice_end"] = 0
+    header["slice_duration"] = 0.0
+    if output == "labels":
+        header.set_intent("label", (), name="labels")
+        low, high = 0.0, float(max(classes, 2) - 1)
+        what = f"labels 0..{int(high)}"
+    else:
+        header.set_intent("estimate", (), name="probabilities")
+        finite = result[np.isfinite(result)]
+        low = min(0.0, float(finite.min())) if finite.size else 0.0
+        high = max(1.0, float(finite.max())) if finite.size else 1.0
+        what = f"probabilities of {classes} class(es)" if classes > 1 else "probabilities"
+    header["cal_min"], header["cal_max"] = low, high
+    header["descrip"] = f"keras-nii {__version__} predict_nifti: {what}".encode()[:79]
+    return header
+
+
 def _check_output_path(out_path: str, inputs: Sequence[str]) -> None:
     if not out_path.lower().endswith(NIFTI_SUFFIXES):
         raise ValueError(f"out_path must end with one of {NIFTI_SUFFIXES}, got {out_path!r}")
@@ -345,6 +470,7 @@ def predict_nifti(
     blend: Literal["gaussian", "constant"] = "gaussian",
     margin: int = 0,
     canonical: bool = True,
+    size_divisor: int | Sequence[int] | None = None,
 ) -> Path:
     """Predict on a NIfTI scan and write the result in the scan's own space.
 
@@ -357,7 +483,8 @@ def predict_nifti(
         out_path: the NIfTI file to write (``.nii`` or ``.nii.gz``). Writing
             over an input scan is refused.
         patch_size: sliding-window size; default the model's fixed input size,
-            or the whole volume for a fully convolutional model.
+            or, for a fully convolutional model, the whole volume padded to a
+            multiple of ``size_divisor`` (any scan size works).
         overlap: fraction of overlap between neighbouring windows.
         batch_size: windows per model call.
         output: ``"labels"`` writes integer labels: the argmax over channels
@@ -370,6 +497,8 @@ def predict_nifti(
         margin: voxels discarded at inner window faces (see :func:`predict_volume`).
         canonical: read the scan as the model was trained (RAS+ by default,
             as ``NiftiDataset``).
+        size_divisor: the multiple that the model's input sizes must be;
+            default: found from the model (see :func:`size_divisor`), else 1.
 
     Returns:
         The path written.
@@ -401,6 +530,9 @@ def predict_nifti(
         batch_size=batch_size,
         blend=blend,
         margin=margin,
+        size_divisor=size_divisor,
     )
     result = _to_labels(prediction, threshold) if output == "labels" else prediction
-    return save_nifti(result, out_path, like=volume)
+    classes = max(2, prediction.shape[-1]) if output == "labels" else prediction.shape[-1]
+    header = _output_header(volume.header, np.asarray(result), output, classes)
+    return save_nifti(result, out_path, like=dataclasses.replace(volume, header=header))

@@ -161,24 +161,28 @@ def _check_positive_int(name: str, value: Any) -> int:
 
 
 def _intensity(values: np.ndarray) -> dict[str, Any]:
-    """The figures of one channel's foreground values (float32, any length)."""
+    """The figures of one channel's foreground values (float32, any length).
+
+    The percentiles are taken on the float32 values themselves (a partition
+    of float64 copies took twice as long); moments are summed in float64.
+    """
     if values.size == 0:
         return {"foreground_voxels": 0}
-    wide = values.astype(np.float64)
-    low, high = np.percentile(wide, PERCENTILES)
+    low, high = np.percentile(values, PERCENTILES)
+    mean = float(np.mean(values, dtype=np.float64))
     return {
         "foreground_voxels": int(values.size),
-        "min": float(wide.min()),
-        "max": float(wide.max()),
+        "min": float(values.min()),
+        "max": float(values.max()),
         f"p{PERCENTILES[0]:g}": float(low),
         f"p{PERCENTILES[1]:g}": float(high),
-        "mean": float(wide.mean()),
-        "std": float(wide.std()),
+        "mean": mean,
+        "std": float(np.std(values, dtype=np.float64)),
     }
 
 
 def _label_counts(label: np.ndarray) -> dict[int, int]:
-    flat = label.reshape(-1)
+    flat = label.ravel(order="K")  # memory order: no copy of a Fortran-ordered array
     if flat.size and flat.min() >= 0 and flat.max() < 1 << 20:
         counts = np.bincount(flat)
         return {int(v): int(c) for v, c in enumerate(counts) if c}
@@ -205,27 +209,27 @@ class _Accumulator:
     high: float = -math.inf
     samples: list = field(default_factory=list)
 
-    def add(self, values: np.ndarray, sample: np.ndarray) -> None:
-        n = int(values.size)
+    def add(self, figures: dict[str, Any], sample: np.ndarray) -> None:
+        """Pool one file's foreground (its :func:`_intensity` figures and a sample)."""
+        n = int(figures["foreground_voxels"])
         if n == 0:
             return
-        wide = values.astype(np.float64)
-        mean = float(wide.mean())
-        m2 = float(np.square(wide - mean).sum())
+        mean = figures["mean"]
+        m2 = figures["std"] ** 2 * n
         # Chan et al.'s pairwise update: exact pooled mean and variance
         total = self.count + n
         delta = mean - self.mean
         self.mean += delta * n / total
         self.m2 += m2 + delta * delta * self.count * n / total
         self.count = total
-        self.low = min(self.low, float(wide.min()))
-        self.high = max(self.high, float(wide.max()))
+        self.low = min(self.low, figures["min"])
+        self.high = max(self.high, figures["max"])
         self.samples.append(sample)
 
     def result(self) -> dict[str, Any]:
         if self.count == 0:
             return {"foreground_voxels": 0, "sampled_voxels": 0}
-        pooled = np.concatenate(self.samples).astype(np.float64)
+        pooled = np.concatenate(self.samples)
         low, high = np.percentile(pooled, PERCENTILES)
         return {
             "foreground_voxels": self.count,
@@ -290,8 +294,9 @@ def _read_pair(
             sample = values[pick]
         else:
             sample = values.copy()
-        accumulators[channel].add(values, sample)
-        intensity.append(_intensity(values))
+        figures = _intensity(values)
+        accumulators[channel].add(figures, sample)
+        intensity.append(figures)
     record["intensity"] = intensity
     record["nonzero_fraction"] = float(np.count_nonzero(data) / data.size)
     record["air_fraction"] = float(np.count_nonzero(data <= _AIR_HU) / data.size)
@@ -467,6 +472,66 @@ class Plan:
         if low < high:
             layers.append(IntensityWindow(minval=low, maxval=high, output_range=(low, high)))
         layers.append(ZScoreNormalization(mean=norm["mean"], std=norm["std"]))
+        return layers
+
+    def thick_axes(self) -> list[int]:
+        """The axes of ``target_spacing`` over :data:`ANISOTROPY` times its finest axis."""
+        finest = min(self.target_spacing)
+        return [a for a in range(3) if self.target_spacing[a] > ANISOTROPY * finest]
+
+    def augmentation_layers(self, seed: int | None = None) -> list:
+        """A starting point for spatial augmentation at ``target_spacing``, in mm.
+
+        ``[RandomFlip3D(), RandomAffine3D(..., spacing=target_spacing)]``:
+        rotations are physical angles and zooms are drawn per sample with
+        probability 0.5. Without a thick axis (see :meth:`thick_axes`): up to
+        30 degrees about each axis and one zoom factor in (0.7, 1.4) (nnU-Net's
+        ranges). With one thick axis, "dummy 2D" (nnU-Net's choice for such
+        data): rotation about the thick axis only, up to 180 degrees, zoom
+        in the slice plane only, so that nothing is interpolated across the
+        thick slices. With two thick axes, flips only.
+
+        Args:
+            seed: the seed of the first layer (the next gets ``seed + 1``),
+                or ``None``.
+        """
+        from keras_nii.layers import RandomAffine3D, RandomFlip3D
+
+        def next_seed(offset: int) -> int | None:
+            return None if seed is None else seed + offset
+
+        layers = [RandomFlip3D(seed=next_seed(0))]
+        thick = self.thick_axes()
+        if len(thick) > 1:
+            return layers
+        spacing = [float(v) for v in self.target_spacing]
+        if not thick:
+            layers.append(
+                RandomAffine3D(
+                    degrees=30,
+                    scales=(0.7, 1.4),
+                    isotropic=True,
+                    probability=0.5,
+                    spacing=spacing,
+                    seed=next_seed(1),
+                )
+            )
+            return layers
+        [axis] = thick
+        degrees = [0.0, 0.0, 0.0]
+        degrees[axis] = 180.0
+        scales = [(0.7, 1.4)] * 3
+        scales[axis] = (1.0, 1.0)
+        layers.append(
+            RandomAffine3D(
+                degrees=degrees,
+                scales=scales,
+                isotropic=False,
+                probability=0.5,
+                spacing=spacing,
+                seed=next_seed(1),
+            )
+        )
         return layers
 
     # -- JSON -----------------------------------------------------------------

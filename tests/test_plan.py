@@ -463,3 +463,34 @@ def test_cli_plan_runs_without_tensorflow(mr_set):
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
     )
     assert "RESULT 0 []" in proc.stdout, proc.stderr
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def _drawn(layer, shape=(16, 16, 16), batch=32):
+    return np.asarray(layer.get_random_transformation(batch, shape)["matrices"])
+
+
+def test_augmentation_for_thick_slices_stays_in_plane(ct_set):
+    root, _, _ = ct_set
+    plan = fingerprint(root / "images", root / "labels")
+    assert plan.thick_axes() == [2]
+    flip, affine = plan.augmentation_layers(seed=1)
+    assert type(flip).__name__ == "RandomFlip3D" and flip.seed == 1 and affine.seed == 2
+    assert affine.spacing == tuple(plan.target_spacing)
+    matrices = _drawn(affine)
+    # axis 2 maps onto itself: every output voxel samples its own slice
+    np.testing.assert_allclose(matrices[:, 2], np.broadcast_to([0, 0, 1, 0], (32, 4)), atol=1e-6)
+    np.testing.assert_allclose(matrices[:, :2, 2], 0, atol=1e-6)
+    assert np.abs(matrices[:, 0, 1]).max() > 0.5  # rotated in the plane
+
+
+def test_augmentation_for_isotropic_data_rotates_about_every_axis(mr_set):
+    root, _ = mr_set
+    plan = fingerprint(root / "images", root / "labels")
+    assert plan.thick_axes() == []
+    _, affine = plan.augmentation_layers()
+    matrices = _drawn(affine)
+    assert np.abs(matrices[:, 2, :2]).max() > 0.1 and np.abs(matrices[:, 0, 1:3]).max() > 0.1
+    assert affine.spacing == tuple(plan.target_spacing)
