@@ -60,16 +60,17 @@ def _info_lines(path: str) -> list[str]:
     from keras_nii.io import _read_image, load_nifti
 
     img = _read_image(path)  # the same checks as load_nifti, without reading the data
+    # read (and checked: data, geometry) first, so a bad file is one error line
+    volume = load_nifti(path, canonical=True, dtype="float32", nonfinite="keep")
     header = img.header
     shape = tuple(int(s) for s in img.shape)
-    affine = np.asarray(img.affine, dtype=np.float64)
+    affine = volume.source_affine  # the checked one (a bad sform gives way to the qform)
     sizes = nib.affines.voxel_sizes(affine)
     spatial_unit, time_unit = header.get_xyzt_units()
     slope, inter = img.dataobj.slope, img.dataobj.inter
     own = "".join(nib.aff2axcodes(affine))
     oblique = np.degrees(nib.affines.obliquity(affine))
 
-    volume = load_nifti(path, canonical=True, dtype="float32", nonfinite="keep")
     data = volume.array
     finite = np.isfinite(data)
     n_bad = int(data.size - np.count_nonzero(finite))
@@ -253,6 +254,30 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise CommandError(f"{args.output_path} already exists; pass --overwrite to replace it")
     if args.patch_size is not None and min(args.patch_size) < 1:
         raise CommandError(f"--patch-size must be three positive integers, got {args.patch_size}")
+    tta = None
+    if args.tta is not None:
+        if "flips" in args.tta:
+            if len(args.tta) > 1:
+                raise CommandError("--tta flips already holds every flip: give it alone")
+            tta = "flips"
+        else:
+            tta = list(args.tta)
+    if args.uncertainty is not None:
+        if tta is None:
+            raise CommandError("--uncertainty needs --tta: it is the variance across the flips")
+        if not args.uncertainty.lower().endswith(NIFTI_SUFFIXES):
+            raise CommandError(
+                f"--uncertainty {args.uncertainty} must end with one of {', '.join(NIFTI_SUFFIXES)}"
+            )
+        if os.path.abspath(args.uncertainty) == os.path.abspath(args.output_path):
+            raise CommandError("--uncertainty and OUT are the same file")
+        for scan in args.inputs:
+            if os.path.abspath(scan) == os.path.abspath(args.uncertainty) or (
+                os.path.exists(args.uncertainty) and os.path.samefile(scan, args.uncertainty)
+            ):
+                raise CommandError(f"refusing to write {args.uncertainty}: it is an input scan")
+        if os.path.exists(args.uncertainty) and not args.overwrite:
+            raise CommandError(f"{args.uncertainty} already exists; pass --overwrite to replace it")
 
     _quiet(args, "tensorflow" if os.path.isdir(args.model) else "keras")
     from keras_nii.inference import load_model, predict_nifti
@@ -271,6 +296,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             blend=args.blend,
             margin=args.margin,
             size_divisor=args.size_divisor,
+            spacing=args.spacing,
+            tta=tta,
+            uncertainty_path=args.uncertainty,
         )
     except _ModelFailed as err:
         shape = " x ".join(str(s) for s in err.batch_shape[1:4])
@@ -290,7 +318,15 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         labels = np.asarray(img.dataobj)
         summary += f", {int(np.count_nonzero(labels))} non-zero voxel(s)"
     print(summary + ", on the grid of " + args.inputs[0])
+    if args.uncertainty is not None:
+        print(f"wrote {args.uncertainty}: the variance across {len(_tta_names(tta))} predictions")
     return 0
+
+
+def _tta_names(tta: Any) -> list[tuple[int, ...]]:
+    from keras_nii.inference import tta_flips
+
+    return tta_flips(tta)
 
 
 # --------------------------------------------------------------------------- #
@@ -405,6 +441,31 @@ def _fraction(text: str) -> float:
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
     return value
+
+
+def _spacing_entry(text: str) -> float | None:
+    if text.lower() in ("keep", "none"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a spacing in mm (or 'keep'), got {text!r}"
+        ) from None
+    if not (value > 0 and np.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive spacing in mm, got {text!r}")
+    return value
+
+
+def _tta_entry(text: str) -> str | tuple[int, ...]:
+    """'flips', or the axes of one flip written as digits ('0', '12', '012')."""
+    if text == "flips":
+        return text
+    if not text or any(c not in "012" for c in text) or len(set(text)) != len(text):
+        raise argparse.ArgumentTypeError(
+            f"expected 'flips' or the axes of a flip as digits (0, 1, 2, 01, 012 ...), got {text!r}"
+        )
+    return tuple(int(c) for c in text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -614,6 +675,29 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("gaussian", "constant"),
         default="gaussian",
         help="weighting of overlapping windows (default: %(default)s)",
+    )
+    predict.add_argument(
+        "--spacing",
+        type=_spacing_entry,
+        nargs=3,
+        metavar=("SX", "SY", "SZ"),
+        help="the voxel spacing in mm the model was trained at ('keep' keeps an axis): the "
+        "scan is resampled to it, and the probabilities back to the scan's grid",
+    )
+    predict.add_argument(
+        "--tta",
+        type=_tta_entry,
+        nargs="+",
+        metavar="FLIP",
+        help="test-time augmentation: 'flips' (all 8 combinations of axis flips) or the flips "
+        "to average, as axis digits (e.g. --tta 0 1 01); the unflipped prediction is always "
+        "included",
+    )
+    predict.add_argument(
+        "--uncertainty",
+        metavar="FILE",
+        help="with --tta: also write the voxel-wise variance across the augmented "
+        "predictions to FILE (.nii or .nii.gz)",
     )
     predict.add_argument("--overwrite", action="store_true", help="replace an existing OUT file")
     predict.set_defaults(handler=_cmd_predict)
