@@ -1,4 +1,4 @@
-"""The ``keras-nii`` command: ``demo``, ``info``, ``plan``, ``predict`` and ``bench``.
+"""The ``keras-nii`` command: ``demo``, ``info``, ``plan``, ``predict``, ``export`` and ``bench``.
 
 Run ``keras-nii --help``, or ``keras-nii COMMAND --help``. Expected problems
 (a missing or damaged file, a bad argument) end the command with one line,
@@ -60,16 +60,17 @@ def _info_lines(path: str) -> list[str]:
     from keras_nii.io import _read_image, load_nifti
 
     img = _read_image(path)  # the same checks as load_nifti, without reading the data
+    # read (and checked: data, geometry) first, so a bad file is one error line
+    volume = load_nifti(path, canonical=True, dtype="float32", nonfinite="keep")
     header = img.header
     shape = tuple(int(s) for s in img.shape)
-    affine = np.asarray(img.affine, dtype=np.float64)
+    affine = volume.source_affine  # the checked one (a bad sform gives way to the qform)
     sizes = nib.affines.voxel_sizes(affine)
     spatial_unit, time_unit = header.get_xyzt_units()
     slope, inter = img.dataobj.slope, img.dataobj.inter
     own = "".join(nib.aff2axcodes(affine))
     oblique = np.degrees(nib.affines.obliquity(affine))
 
-    volume = load_nifti(path, canonical=True, dtype="float32", nonfinite="keep")
     data = volume.array
     finite = np.isfinite(data)
     n_bad = int(data.size - np.count_nonzero(finite))
@@ -329,6 +330,46 @@ def _tta_names(tta: Any) -> list[tuple[int, ...]]:
 
 
 # --------------------------------------------------------------------------- #
+# export
+# --------------------------------------------------------------------------- #
+
+
+def _keras_file(path: str) -> str:
+    """The .keras file MODEL names: itself, or the one in a training run's folder."""
+    if os.path.isdir(path):
+        found = sorted(name for name in os.listdir(path) if name.endswith(".keras"))
+        if "model.keras" in found:
+            found = ["model.keras"]
+        if len(found) != 1:
+            raise CommandError(
+                f"model {path}: a folder must hold one .keras file (or model.keras), "
+                f"found {len(found)}"
+            )
+        return os.path.join(path, found[0])
+    if not os.path.isfile(path):
+        raise CommandError(f"model {path}: no such file or folder")
+    if not path.endswith(".keras"):
+        raise CommandError(f"model {path}: expected a .keras file")
+    return path
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from keras_nii.export import export_model, format_of
+
+    source = _keras_file(args.model)
+    fmt = args.format or format_of(args.output_path)
+    if os.path.exists(args.output_path) and not args.overwrite:
+        raise CommandError(f"{args.output_path} already exists; pass --overwrite to replace it")
+    signature = export_model(
+        source, args.output_path, fmt, opset=args.opset, overwrite=args.overwrite
+    )
+    print(f"wrote {signature.path} ({signature.format}) from {source}")
+    for line in signature.lines():
+        print(line)
+    return 0
+
+
+# --------------------------------------------------------------------------- #
 # demo
 # --------------------------------------------------------------------------- #
 
@@ -563,7 +604,8 @@ def build_parser() -> argparse.ArgumentParser:
         "predict",
         help="run a saved model on a NIfTI scan, writing the result in the scan's space",
         description=(
-            "Run MODEL (a .keras file or an exported SavedModel folder) on a scan and write "
+            "Run MODEL (a .keras file, an exported .onnx or .tflite file, or an exported "
+            "SavedModel folder) on a scan and write "
             "the prediction as a NIfTI file on the scan's own grid (same shape, affine and "
             "voxel order). Several IN files are the modalities of one subject, in the channel "
             "order the model was trained with. Large scans are predicted in overlapping "
@@ -571,7 +613,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     predict.add_argument(
-        "model", metavar="MODEL", help="a .keras file or an exported SavedModel folder"
+        "model",
+        metavar="MODEL",
+        help="a .keras, .onnx (ONNX Runtime) or .tflite (LiteRT) file, or a SavedModel folder",
     )
     predict.add_argument("inputs", nargs="+", metavar="IN", help="the scan (or its modalities)")
     predict.add_argument(
@@ -657,6 +701,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("--overwrite", action="store_true", help="replace an existing OUT file")
     predict.set_defaults(handler=_cmd_predict)
+
+    export = commands.add_parser(
+        "export",
+        help="export a .keras model as a SavedModel, an ONNX or a LiteRT file",
+        description=(
+            "Export MODEL (a .keras file, or a training run's folder holding one) as a "
+            "deployable artifact with its preprocessing inside: a SavedModel folder "
+            "(TensorFlow), a .onnx file (ONNX Runtime) or a .tflite file (LiteRT, builtin ops "
+            "only). Spatial sizes stay symbolic. Prints the artifact's input and output "
+            "signature ('?' for a symbolic size)."
+        ),
+    )
+    export.add_argument("model", metavar="MODEL", help="a .keras file, or a folder holding one")
+    export.add_argument(
+        "output_path",
+        metavar="OUT",
+        help="a folder (savedmodel), a .onnx file (onnx) or a .tflite file (litert)",
+    )
+    export.add_argument(
+        "--format",
+        choices=("savedmodel", "onnx", "litert"),
+        help="default: from OUT's suffix (.onnx, .tflite, else a SavedModel folder)",
+    )
+    export.add_argument("--opset", type=_positive_int, metavar="N", help="ONNX opset version")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    export.set_defaults(handler=_cmd_export)
 
     commands.add_parser(
         "bench",

@@ -28,6 +28,7 @@ import keras
 import numpy as np
 
 from keras_nii.io import NiftiError, load_nifti
+from keras_nii.sharding import Shard, check_shard, detect_shard, share
 from keras_nii.spacing import check_spacing
 
 __all__ = ["NiftiDataset", "center_crop_or_pad", "NIFTI_FILE_SUFFIXES"]
@@ -328,6 +329,15 @@ class NiftiDataset(keras.utils.PyDataset):
         use_multiprocessing: passed to ``keras.utils.PyDataset``: processes
             instead of threads. The dataset is picklable.
         max_queue_size: passed to ``keras.utils.PyDataset``.
+        shard: which subjects this process reads in a multi-process job.
+            ``"auto"`` (default): its share when a ``keras.distribution``
+            distribution is set on the JAX backend with several processes,
+            everything otherwise. ``(index, count)``: share ``index`` of
+            ``count``. ``None``: everything. Every process draws the same
+            global order from ``seed`` and reads every ``count``-th subject of
+            it; the order is padded by repeating subjects so that every
+            process runs the same number of steps. ``batch_size`` is per
+            process: a step's global batch is ``count * batch_size``.
 
     Example:
 
@@ -358,6 +368,7 @@ class NiftiDataset(keras.utils.PyDataset):
         workers: int = 1,
         use_multiprocessing: bool = False,
         max_queue_size: int = 10,
+        shard: Shard | str | None = "auto",
     ) -> None:
         super().__init__(
             workers=workers, use_multiprocessing=use_multiprocessing, max_queue_size=max_queue_size
@@ -394,13 +405,22 @@ class NiftiDataset(keras.utils.PyDataset):
         self._memory: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
         self._rng = np.random.default_rng(seed)
         n = len(self.images)
-        self._order = self._rng.permutation(n) if self.shuffle else np.arange(n)
+        self.shard = check_shard(shard)
+        if self.shuffle and seed is None and isinstance(self.shard, tuple) and self.shard[1] > 1:
+            raise ValueError(
+                f"shard={self.shard} with shuffle=True needs a seed: every process must draw "
+                "the same global order of subjects"
+            )
+        # the epoch's order over all processes; each reads its share (see _order)
+        self._global_order = self._rng.permutation(n) if self.shuffle else np.arange(n)
 
     # ------------------------------------------------------------------ PyDataset
 
     def __len__(self) -> int:
-        """Number of batches: ``ceil(len(images) / batch_size)``."""
-        return math.ceil(len(self.images) / self.batch_size)
+        """Number of batches: ``ceil(len(images) / batch_size)``, or, when
+        sharded over ``count`` processes, ``ceil(ceil(len(images) / count) /
+        batch_size)`` in every process."""
+        return math.ceil(len(self._order) / self.batch_size)
 
     def __getitem__(self, index: int):
         """Batch ``index``: ``x``, or ``(x, y)`` when there are labels."""
@@ -411,7 +431,10 @@ class NiftiDataset(keras.utils.PyDataset):
             index += n_batches
         if not 0 <= index < n_batches:
             raise IndexError(f"batch index {index} out of range for {n_batches} batches")
-        subjects = self._order[index * self.batch_size : (index + 1) * self.batch_size]
+        return self._batch(self._order[index * self.batch_size : (index + 1) * self.batch_size])
+
+    def _batch(self, subjects: np.ndarray):
+        """The batch of these subjects: ``x``, or ``(x, y)`` when there are labels."""
         xs, ys = [], []
         for subject in subjects:
             modalities, y = self._sample(int(subject))
@@ -429,14 +452,84 @@ class NiftiDataset(keras.utils.PyDataset):
     def on_epoch_end(self) -> None:
         """Draw a new subject order (with ``shuffle=True``)."""
         if self.shuffle:
-            self._order = self._rng.permutation(len(self.images))
+            self._global_order = self._rng.permutation(len(self.images))
 
     # ------------------------------------------------------------------ helpers
 
     @property
     def order(self) -> np.ndarray:
-        """The subject indices of this epoch, in batch order (a copy)."""
+        """The subject indices this process reads this epoch, in batch order (a copy)."""
         return self._order.copy()
+
+    def as_grain(
+        self,
+        *,
+        num_epochs: int | None = 1,
+        worker_count: int = 0,
+        worker_buffer_size: int = 1,
+        drop_remainder: bool = False,
+    ) -> Any:
+        """The same feed as a ``grain.DataLoader`` (optional extra ``[grain]``).
+
+        Each record is one subject's sample, read exactly as in this dataset's
+        batches (crop / pad to ``shape``, modalities as channels, label maps,
+        caches); Grain batches ``batch_size`` of them. Grain's sampler draws
+        the order from ``seed`` (a new permutation every epoch with
+        ``shuffle=True``; not the same permutation as the PyDataset's) and, in
+        a multi-process job (``shard``), gives each process an equal share
+        (``grain.sharding.ShardByJaxProcess(drop_remainder=True)``). The
+        loader's iterators are checkpointable: ``state = it.get_state()``
+        after step ``n``, then ``it = iter(loader); it.set_state(state)`` in a
+        new process continues with batch ``n + 1``.
+
+        Args:
+            num_epochs: passes over the data before the iterator ends (``None``:
+                endless). For ``model.fit(loader, epochs=E)`` pass
+                ``num_epochs=E`` and ``steps_per_epoch=len(dataset)``, so the
+                epochs are the sampler's (reshuffled) passes.
+            worker_count: Grain worker processes (0: read in this process).
+            worker_buffer_size: batches each worker prepares ahead.
+            drop_remainder: drop a last, smaller batch of each pass.
+
+        Example:
+
+        ```python
+        ds = NiftiDataset(images, labels, batch_size=2, shape=(96, 96, 96),
+                          shuffle=True, seed=0)
+        loader = ds.as_grain(num_epochs=10, worker_count=4)
+        model.fit(loader, epochs=10, steps_per_epoch=len(ds))
+        ```
+        """
+        from keras_nii.grain import grain_loader
+
+        return grain_loader(
+            self,
+            num_epochs=num_epochs,
+            worker_count=worker_count,
+            worker_buffer_size=worker_buffer_size,
+            drop_remainder=drop_remainder,
+        )
+
+    @property
+    def process_shard(self) -> Shard | None:
+        """``(index, count)`` of the share this process reads, or ``None`` for all.
+
+        ``shard="auto"`` is resolved when asked (a distribution may be set
+        after the dataset is made): see :func:`keras_nii.sharding.detect_shard`.
+        """
+        if self.shard != "auto":
+            return self.shard
+        shard = detect_shard()
+        if shard is not None and self.shuffle and self.seed is None:
+            raise ValueError(
+                f"NiftiDataset is sharded over {shard[1]} processes and shuffles: pass a seed, "
+                "so that every process draws the same global order of subjects"
+            )
+        return shard
+
+    @property
+    def _order(self) -> np.ndarray:
+        return share(self._global_order, self.process_shard)
 
     @classmethod
     def from_folder(

@@ -27,6 +27,7 @@ from typing import Any, Literal
 import numpy as np
 
 from keras_nii.io import NIFTI_SUFFIXES, NiftiError, Volume, load_nifti, save_nifti
+from keras_nii.storage import overwritten_input
 
 __all__ = [
     "predict_nifti",
@@ -124,8 +125,10 @@ def _flip_averaged(
 
 
 def load_model(path: str | os.PathLike) -> Callable[[np.ndarray], np.ndarray]:
-    """A prediction function from a ``.keras`` file or an exported SavedModel folder.
+    """A prediction function from a ``.keras`` file or an exported artifact.
 
+    ``.onnx`` files run by ONNX Runtime and ``.tflite`` files by the LiteRT
+    interpreter (:mod:`keras_nii.serving`), without Keras or TensorFlow.
     SavedModels (``model.export(...)``) are loaded with ``tf.saved_model.load``
     and called through their ``serve`` endpoint; ``.keras`` files with
     ``keras.saving.load_model`` (keras-nii's layers are registered on import).
@@ -174,8 +177,16 @@ def load_model(path: str | os.PathLike) -> Callable[[np.ndarray], np.ndarray]:
         run.input_shape = _saved_model_input_shape(serve)
         run.size_divisor = _saved_model_divisor(loaded)
         return run
+    if path.lower().endswith((".onnx", ".tflite")):
+        # run without Keras or TensorFlow (keras_nii.serving)
+        from keras_nii.serving import LiteRTModel, OnnxModel
+
+        return OnnxModel(path) if path.lower().endswith(".onnx") else LiteRTModel(path)
     if not path.endswith(".keras"):
-        raise ValueError(f"model {path}: expected a .keras file or an exported SavedModel folder")
+        raise ValueError(
+            f"model {path}: expected a .keras, .onnx or .tflite file or an exported "
+            "SavedModel folder"
+        )
     import keras
 
     import keras_nii.layers  # noqa: F401  (registers the layers for deserialization)
@@ -536,11 +547,13 @@ def _check_output_path(out_path: str, inputs: Sequence[str]) -> None:
         raise NiftiError(f"{out_path}: cannot write: folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
         raise NiftiError(f"{out_path}: cannot write: folder {folder} is not writable")
-    for source in inputs:
-        if os.path.abspath(out_path) == os.path.abspath(source) or (
-            os.path.exists(out_path) and os.path.samefile(out_path, source)
-        ):
-            raise ValueError(f"refusing to write {out_path}: it is an input scan")
+    # compared as files (links, case variants, .hdr/.img twins), before the model runs
+    source = overwritten_input([out_path], list(inputs))
+    if source is not None:
+        same = os.path.abspath(source) == os.path.abspath(out_path)
+        raise ValueError(
+            f"refusing to write {out_path}: it is an input scan" + ("" if same else f" ({source})")
+        )
 
 
 def _load_inputs(
@@ -581,7 +594,8 @@ def predict_nifti(
     """Predict on a NIfTI scan and write the result in the scan's own space.
 
     Args:
-        model: a Keras model, or the path of a ``.keras`` file or of an
+        model: a Keras model, or the path of a ``.keras`` file, an exported
+            ``.onnx`` or ``.tflite`` file (run without TensorFlow) or an
             exported SavedModel folder (see :func:`load_model`).
         in_path: the scan, or a list of scans of one subject (modalities, in
             the channel order the model was trained with).
