@@ -13,13 +13,9 @@ This module uses NumPy and ``keras.utils.PyDataset`` only; the model graph
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import numbers
 import os
-import uuid
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +23,8 @@ from typing import Any
 import keras
 import numpy as np
 
-from keras_nii import remote
+from keras_nii import remote, storage
+from keras_nii.cache import DirectoryCache, MemoryCache, source_fingerprint
 from keras_nii.io import NiftiError, load_nifti
 from keras_nii.sharding import Shard, check_shard, detect_shard, share
 from keras_nii.spacing import check_spacing
@@ -39,7 +36,6 @@ NIFTI_FILE_SUFFIXES = (".nii.gz", ".nii")
 
 # affines of modalities, and of an image and its mask, must agree this closely (mm)
 _AFFINE_ATOL = 1e-4
-_CACHE_VERSION = "keras-nii-cache-1"
 
 PathLike = str | os.PathLike
 
@@ -230,39 +226,6 @@ def _normalize_cache(cache: Any) -> str | None:
     raise ValueError(f"cache must be None, 'memory' or a directory path, got {cache!r}")
 
 
-def _file_key(path: str, canonical: bool, dtype: str, spacing: Any = None) -> tuple[str, str]:
-    """(readable stem, hash) naming a decoded volume; changes when the file does."""
-    absolute = os.path.abspath(path)
-    try:
-        stat = os.stat(absolute)
-    except OSError:
-        # let load_nifti report the missing file with its usual message
-        load_nifti(absolute)
-        raise
-    token = repr((_CACHE_VERSION, absolute, stat.st_size, stat.st_mtime_ns, canonical, dtype))
-    if spacing is not None:
-        token += repr(("spacing", tuple(spacing)))
-    digest = hashlib.sha256(token.encode()).hexdigest()[:32]
-    name = os.path.basename(absolute)
-    for suffix in NIFTI_FILE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:48]
-    return stem, digest
-
-
-def _atomic_write(final: str, write) -> None:
-    tmp = f"{final}.{uuid.uuid4().hex}.tmp"
-    try:
-        with open(tmp, "xb") as f:
-            write(f)
-        os.replace(tmp, final)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 class NiftiDataset(keras.utils.PyDataset):
     """Batches of NIfTI volumes for ``model.fit``, ``evaluate`` and ``predict``.
 
@@ -294,15 +257,23 @@ class NiftiDataset(keras.utils.PyDataset):
 
     Caching keeps decoded volumes (after reorientation, before cropping):
 
-    - ``cache="memory"``: in a dict, in this process. With
+    - ``cache="memory"``: in this process, at most ``cache_bytes`` of
+      arrays, the least recently used dropped first. With
       ``use_multiprocessing=True`` each worker process has its own short-lived
       copy, so prefer a directory cache there.
     - ``cache=<directory>``: as uncompressed ``.npy`` files plus a small
-      ``.json`` (the affine), written atomically, shared by worker processes
-      and by later runs. Entries are keyed by the file's absolute path, size,
-      modification time, ``canonical``, dtype and ``spacing``, so a changed
-      file is read (and its geometry checked) again, and datasets at two
-      spacings can share a cache folder. Stale entries are not deleted.
+      ``.json`` (the affine, shape, dtype, a CRC-32 of the array, and what the
+      entry was made from), written atomically, shared by worker processes
+      and by later runs. Entries are named by the file's absolute path,
+      ``canonical``, dtype and ``spacing`` (datasets at two spacings can share
+      a cache folder), and each is checked before use (see
+      :mod:`keras_nii.cache`); a damaged entry is read again from the source
+      and replaced.
+
+    Either cache serves an entry only while its source file is the one it was
+    made from (device, inode, size, modification and status-change times, of
+    both files of a ``.hdr``/``.img`` pair), so a changed file is read (and its
+    geometry checked) again, and its old entry dropped or replaced.
 
     Args:
         images: a list of paths (one image per subject), or a list of lists
@@ -317,6 +288,10 @@ class NiftiDataset(keras.utils.PyDataset):
         seed: seed of the shuffling.
         cache: ``None``, ``"memory"`` or a directory (``str`` or
             ``os.PathLike``; created if missing).
+        cache_bytes: the most bytes of arrays that ``cache="memory"`` keeps.
+            Default: a quarter of the memory available when the dataset is
+            made (:func:`keras_nii.storage.available_memory`), 4 GiB when that
+            is unknown.
         canonical: reorient volumes to RAS+ (flips and transposes only).
         spacing: ``(sx, sy, sz)`` in mm (a single number: isotropic; an entry
             ``None`` keeps that axis): resample every volume to this voxel
@@ -366,6 +341,7 @@ class NiftiDataset(keras.utils.PyDataset):
         cache: str | os.PathLike | None = None,
         canonical: bool = True,
         spacing: Sequence[float | None] | float | None = None,
+        cache_bytes: int | None = None,
         workers: int = 1,
         use_multiprocessing: bool = False,
         max_queue_size: int = 10,
@@ -403,7 +379,12 @@ class NiftiDataset(keras.utils.PyDataset):
         self.cache = _normalize_cache(cache)
         self.canonical = bool(canonical)
         self.spacing = None if spacing is None else check_spacing(spacing)
-        self._memory: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+        if cache_bytes is None:
+            available = storage.available_memory()
+            cache_bytes = 4 << 30 if available is None else available // 4
+        self.cache_bytes = _check_positive_int("cache_bytes", cache_bytes)
+        self._memory = MemoryCache(self.cache_bytes)
+        self._directory = None if self.cache in (None, "memory") else DirectoryCache(self.cache)
         self._rng = np.random.default_rng(seed)
         n = len(self.images)
         self.shard = check_shard(shard)
@@ -586,7 +567,7 @@ class NiftiDataset(keras.utils.PyDataset):
     def __getstate__(self) -> dict[str, Any]:
         # a memory cache is not worth copying to a worker process
         state = self.__dict__.copy()
-        state["_memory"] = {}
+        state["_memory"] = MemoryCache(self.cache_bytes)
         return state
 
     def _load(self, path: str, dtype: str) -> tuple[np.ndarray, np.ndarray]:
@@ -608,50 +589,31 @@ class NiftiDataset(keras.utils.PyDataset):
         if self.cache is None:
             vol = load_nifti(path, canonical=self.canonical, dtype=dtype, spacing=self.spacing)
             return vol.array, vol.affine
-        if remote.is_url(path):  # the memory cache: keyed by the object's version
-            key = (path, remote.version(remote.object_info(path)), dtype)
-            hit = self._memory.get(key)
-            if hit is None:
-                vol = load_nifti(path, canonical=self.canonical, dtype=dtype, spacing=self.spacing)
-                hit = self._memory[key] = (_c_ordered(vol.array), vol.affine)
-            return hit
-        stem, digest = _file_key(path, self.canonical, dtype, self.spacing)
+        if remote.is_url(path):
+            # the memory cache: an object's fingerprint is its version (ETag ...)
+            fingerprint: tuple = (remote.version(remote.object_info(path)),)
+        else:
+            try:
+                fingerprint = source_fingerprint(path)
+            except OSError:
+                load_nifti(path)  # reports the missing file with its usual message
+                raise
+        settings = (self.canonical, dtype, self.spacing)
         if self.cache == "memory":
-            hit = self._memory.get((path, digest))
+            key = (path if remote.is_url(path) else os.path.abspath(path), settings)
+            hit = self._memory.get(key, fingerprint)
             if hit is None:
                 vol = load_nifti(path, canonical=self.canonical, dtype=dtype, spacing=self.spacing)
                 hit = (_c_ordered(vol.array), vol.affine)
-                self._memory[(path, digest)] = hit
+                self._memory.put(key, fingerprint, *hit)
             return hit
-        base = os.path.join(self.cache, f"{stem}-{digest}")
-        try:
-            with open(base + ".json", encoding="utf-8") as f:
-                meta = json.load(f)
-            array = np.load(base + ".npy", mmap_mode="r", allow_pickle=False)
-            affine = np.asarray(meta["affine"], dtype=np.float64).reshape(4, 4)
-            if array.dtype == np.dtype(dtype) and array.ndim == 4:
-                return array, affine
-        except (OSError, ValueError, KeyError, EOFError):
-            pass  # not cached yet, or a damaged entry: read the source again
+        directory = self._directory
+        hit = directory.get(path, settings, fingerprint, dtype)
+        if hit is not None:
+            return hit
         vol = load_nifti(path, canonical=self.canonical, dtype=dtype, spacing=self.spacing)
         array = _c_ordered(vol.array)
-        meta = {
-            "source": os.path.abspath(path),
-            "canonical": self.canonical,
-            "spacing": self.spacing,
-            "dtype": dtype,
-            "shape": list(array.shape),
-            "affine": vol.affine.tolist(),
-        }
-        try:
-            # the .json first: an entry counts as cached once its .npy exists
-            _atomic_write(base + ".json", lambda f: f.write(json.dumps(meta).encode()))
-            _atomic_write(base + ".npy", lambda f: np.save(f, array, allow_pickle=False))
-        except OSError as err:
-            warnings.warn(
-                f"NiftiDataset: cannot write the cache entry of {path} in {self.cache}: {err}",
-                stacklevel=2,
-            )
+        directory.put(path, settings, fingerprint, array, vol.affine)
         return array, vol.affine
 
     def _sample(self, subject: int) -> tuple[list[np.ndarray], np.ndarray | None]:

@@ -104,6 +104,18 @@ def test_hostile_bounds_hold_for_remote_files(memory):
     assert time.perf_counter() - start < 2
 
 
+def test_memory_cache_of_urls_serves_a_replaced_object_anew(memory, tmp_path):
+    from keras_nii import NiftiDataset
+
+    vol = load_nifti(ANATOMICAL)
+    url = f"{memory}/c/anat.nii.gz"
+    save_nifti(vol.array, url, like=vol)
+    ds = NiftiDataset([url], batch_size=1, cache="memory")
+    np.testing.assert_array_equal(ds[0][0][0], np.ascontiguousarray(vol.array))
+    save_nifti(vol.array * 2, url, like=load_nifti(ANATOMICAL))
+    np.testing.assert_allclose(ds[0][0][0], 2 * np.ascontiguousarray(vol.array), rtol=1e-6)
+
+
 # ---------------------------------------------------------------- HTTP
 
 
