@@ -111,9 +111,9 @@ def test_memory_cache_of_urls_serves_a_replaced_object_anew(memory, tmp_path):
     url = f"{memory}/c/anat.nii.gz"
     save_nifti(vol.array, url, like=vol)
     ds = NiftiDataset([url], batch_size=1, cache="memory")
-    np.testing.assert_array_equal(ds[0][0][0], np.ascontiguousarray(vol.array))
+    np.testing.assert_array_equal(ds[0][0], vol.array)
     save_nifti(vol.array * 2, url, like=load_nifti(ANATOMICAL))
-    np.testing.assert_allclose(ds[0][0][0], 2 * np.ascontiguousarray(vol.array), rtol=1e-6)
+    np.testing.assert_allclose(ds[0][0], 2 * vol.array, rtol=1e-6)
 
 
 # ---------------------------------------------------------------- HTTP
