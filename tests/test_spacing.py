@@ -12,6 +12,8 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import ndimage
 
 from keras_nii.data import NiftiDataset
@@ -334,3 +336,32 @@ def test_bad_arguments(tmp_path, kwargs, message):
     if "spacing" in kwargs and "interpolation" not in kwargs and "dtype" not in kwargs:
         with pytest.raises(ValueError, match=message):
             NiftiDataset([path], spacing=kwargs["spacing"])
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    shape=st.tuples(*[st.integers(2, 9)] * 3),
+    zooms=st.tuples(*[st.floats(0.4, 4.0)] * 3),
+    spacing=st.tuples(*[st.one_of(st.none(), st.floats(0.4, 4.0))] * 3),
+    axis=st.tuples(*[st.floats(-1.0, 1.0)] * 3).filter(lambda v: np.linalg.norm(v) > 0.1),
+    degrees=st.floats(-180.0, 180.0),
+    flips=st.tuples(*[st.sampled_from([-1.0, 1.0])] * 3),
+)
+def test_property_linear_fields_survive_any_grid(shape, zooms, spacing, axis, degrees, flips):
+    affine = np.eye(4)
+    affine[:3, :3] = rotation(axis, degrees) @ np.diag(np.array(flips) * zooms)
+    affine[:3, 3] = (3.0, -2.0, 1.0)
+    data = linear_field(world_of(affine, shape)).astype(np.float32)
+    out, how = resample_to_spacing(data, affine, spacing)
+    assert out.shape == how.shape
+    kept = [s is None for s in spacing]
+    np.testing.assert_array_equal(np.array(out.shape)[kept], np.array(shape)[kept])
+    world = world_of(how.affine, out.shape)
+    index = source_index(affine, world)
+    inside = np.all((index >= -1e-9) & (index <= np.array(shape) - 1 + 1e-9), axis=-1)
+    tolerance = 8 * EPS32 * max(np.abs(data).max(), 1.0)
+    np.testing.assert_allclose(out[inside], linear_field(world)[inside], rtol=0, atol=tolerance)
+    # the new grid covers the old field of view along every axis
+    extent = np.array(out.shape) * how.scale
+    assert np.all(extent >= np.array(shape) - 1e-3 * how.scale - 1e-9)
+    assert np.all(extent < np.array(shape) + how.scale)
