@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from scipy import ndimage
 
 from keras_nii.data import NiftiDataset
-from keras_nii.io import load_nifti, save_nifti
+from keras_nii.io import NiftiError, load_nifti, save_nifti
 from keras_nii.spacing import Resampling, resample_axes, resample_to_spacing, spacing_grid
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -365,3 +365,40 @@ def test_property_linear_fields_survive_any_grid(shape, zooms, spacing, axis, de
     extent = np.array(out.shape) * how.scale
     assert np.all(extent >= np.array(shape) - 1e-3 * how.scale - 1e-9)
     assert np.all(extent < np.array(shape) + how.scale)
+
+
+def test_dataset_puts_modalities_of_other_resolutions_on_the_first_ones_grid(tmp_path):
+    rng = np.random.default_rng(8)
+    t1_affine = grid_affine("LPS", (1.0, 1.0, 1.0))
+    flair_affine = grid_affine("LPS", (1.0, 1.0, 3.0))
+    flair_affine[:3, 3] += (0.4, -0.3, 1.1)  # another field of view, same directions
+    t1 = write(tmp_path / "t1.nii.gz", rng.normal(size=(16, 14, 18)).astype(np.float32), t1_affine)
+    flair_data = rng.normal(size=(15, 14, 6)).astype(np.float32)
+    flair = write(tmp_path / "flair.nii.gz", flair_data, flair_affine)
+    labels = (rng.random((15, 14, 6)) > 0.7).astype(np.uint8)  # a mask on the FLAIR's grid
+    mask = write(tmp_path / "mask.nii.gz", labels, flair_affine)
+    with pytest.raises(NiftiError, match="not on the same voxel grid"):
+        NiftiDataset([[t1, flair]])[0]
+
+    for cache in (None, "memory", tmp_path / "cache"):
+        x, y = NiftiDataset([[t1, flair]], [mask], spacing=(1.0, 1.0, 1.0), cache=cache)[0]
+        reference = load_nifti(t1, spacing=(1.0, 1.0, 1.0))
+        np.testing.assert_array_equal(x[0, ..., 0], reference.array[..., 0])
+        # the FLAIR and the mask, sampled from their own files at the T1's voxel centres
+        for path, ref_of in ((flair, None), (mask, "labels")):
+            canonical = nib.as_closest_canonical(nib.load(path))
+            source = np.asarray(canonical.dataobj, dtype=np.float64)
+            index = source_index(canonical.affine, world_of(reference.affine, x.shape[1:4]))
+            points = np.moveaxis(index, -1, 0)
+            if ref_of is None:
+                want = ndimage.map_coordinates(source, points, order=1, mode="nearest")
+                np.testing.assert_allclose(x[0, ..., 1], want, atol=1e-5)
+            else:
+                want, decided = label_reference(source.astype(int), points, [0, 1])
+                assert decided.mean() > 0.8
+                np.testing.assert_array_equal(y[0, ..., 0][decided], want[decided])
+
+    tilted = grid_affine("oblique", (1.0, 1.0, 3.0))
+    other = write(tmp_path / "tilted.nii.gz", flair_data, tilted)
+    with pytest.raises(NiftiError, match="cannot be resampled onto the grid of .*not parallel"):
+        NiftiDataset([[t1, other]], spacing=1.0)[0]
