@@ -23,7 +23,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from keras_nii import storage
+from keras_nii import remote, storage
 from keras_nii.cache import DirectoryCache, MemoryCache, source_fingerprint
 from keras_nii.io import NiftiError, load_nifti
 from keras_nii.sharding import Shard, check_shard, detect_shard, share
@@ -369,7 +369,7 @@ class NiftiDataset(keras.utils.PyDataset):
             for files in self.images
             + [(m,) for m in (self.labels if self.label_kind == "masks" else [])]
             for path in files
-            if not os.path.isfile(path)
+            if not (remote.exists(path) if remote.is_url(path) else os.path.isfile(path))
         ]
         if missing:
             raise NiftiError(
@@ -581,17 +581,26 @@ class NiftiDataset(keras.utils.PyDataset):
         new array first: ~1.5 against ~0.9 ms per 128^3 volume); an entry
         shorter than its header says is not mapped but read again.
         """
+        if self.cache not in (None, "memory") and remote.is_url(path):
+            # a local copy in the cache folder, named by the URL and the object's
+            # version (ETag ...): a changed object is fetched again, an unchanged
+            # one never is; its decoded entry is then cached like a local file's
+            path = remote.fetch(path, os.path.join(self.cache, "remote"))
         if self.cache is None:
             vol = load_nifti(path, canonical=self.canonical, dtype=dtype, spacing=self.spacing)
             return vol.array, vol.affine
-        try:
-            fingerprint = source_fingerprint(path)
-        except OSError:
-            load_nifti(path)  # reports the missing file with its usual message
-            raise
+        if remote.is_url(path):
+            # the memory cache: an object's fingerprint is its version (ETag ...)
+            fingerprint: tuple = (remote.version(remote.object_info(path)),)
+        else:
+            try:
+                fingerprint = source_fingerprint(path)
+            except OSError:
+                load_nifti(path)  # reports the missing file with its usual message
+                raise
         settings = (self.canonical, dtype, self.spacing)
         if self.cache == "memory":
-            key = (os.path.abspath(path), settings)
+            key = (path if remote.is_url(path) else os.path.abspath(path), settings)
             hit = self._memory.get(key, fingerprint)
             if hit is None:
                 vol = load_nifti(path, canonical=self.canonical, dtype=dtype, spacing=self.spacing)
@@ -677,16 +686,26 @@ def _check_same_grid(subject, path_a, array_a, affine_a, path_b, array_b, affine
         )
 
 
-def _list_nifti(folder: PathLike, argument: str) -> dict[str, Path]:
-    """{stem: path} of the NIfTI files in a folder, sorted by file name."""
+def _folder_entries(folder: PathLike, argument: str) -> list[tuple[str, Any]]:
+    """(file name, path) of the regular, not hidden files in a folder or, for a
+    URL, of the NIfTI objects directly under it (``path`` is then the URL)."""
+    if remote.is_url(os.fspath(folder)):
+        urls = remote.list_folder(os.fspath(folder), NIFTI_FILE_SUFFIXES)
+        return [(remote.basename(url), url) for url in urls]
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"{argument}: {folder} is not a directory")
-    found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir(), key=lambda p: p.name):
-        name = path.name
-        if name.startswith(".") or not path.is_file():
-            continue
+    return [
+        (path.name, path)
+        for path in folder.iterdir()
+        if not path.name.startswith(".") and path.is_file()
+    ]
+
+
+def _list_nifti(folder: PathLike, argument: str) -> dict[str, Any]:
+    """{stem: path} of the NIfTI files in a folder (or under a URL), sorted by file name."""
+    found: dict[str, Any] = {}
+    for name, path in sorted(_folder_entries(folder, argument), key=lambda entry: entry[0]):
         suffix = next((s for s in NIFTI_FILE_SUFFIXES if name.lower().endswith(s)), None)
         if suffix is None:
             continue
@@ -698,4 +717,4 @@ def _list_nifti(folder: PathLike, argument: str) -> dict[str, Path]:
         found[stem] = path
     if not found:
         raise ValueError(f"{argument}: no .nii or .nii.gz files in {folder}")
-    return dict(sorted(found.items(), key=lambda item: item[1].name))
+    return found
