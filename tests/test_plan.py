@@ -528,3 +528,10 @@ def test_channels_of_a_4d_file_each_get_their_figures(tmp_path):
     single = _save(data[..., 0], affine, tmp_path / "one.nii.gz")
     with pytest.raises(ValueError, match="different numbers of channels"):
         fingerprint([image_path, single])
+
+
+def test_a_missing_folder_is_named(tmp_path):
+    with pytest.raises(ValueError, match="images: .*nowhere is not a directory"):
+        fingerprint(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="images must be a folder or a list"):
+        fingerprint(3)
