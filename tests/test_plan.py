@@ -528,3 +528,27 @@ def test_channels_of_a_4d_file_each_get_their_figures(tmp_path):
     single = _save(data[..., 0], affine, tmp_path / "one.nii.gz")
     with pytest.raises(ValueError, match="different numbers of channels"):
         fingerprint([image_path, single])
+
+
+def test_a_missing_folder_is_named(tmp_path):
+    with pytest.raises(ValueError, match="images: .*nowhere is not a directory"):
+        fingerprint(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="images must be a folder or a list"):
+        fingerprint(3)
+
+
+def test_the_ct_phantom_task_is_planned_as_ct(tmp_path):
+    from keras_nii.phantoms import make_ct_dataset
+
+    pairs = make_ct_dataset(
+        tmp_path, 4, seed=2, in_plane=(32, 40), slices=(8, 12), slice_spacing=(3.0, 5.0)
+    )
+    plan = fingerprint(tmp_path / "images", tmp_path / "labels")
+    assert plan.modality == "ct" and plan.normalization["scheme"] == "ct"
+    assert plan.dataset["thick_axes"] == [2]  # 3-5 mm slices, 0.6-0.9 mm in-plane
+    reference = _reference([(str(i), str(lab)) for i, lab in pairs])
+    pooled = np.concatenate([r["values"] for r in reference])
+    np.testing.assert_allclose(plan.normalization["clip"], np.percentile(pooled, [0.5, 99.5]))
+    np.testing.assert_allclose(plan.normalization["mean"], pooled.mean())
+    spacings = np.array([r["spacing"] for r in reference])
+    np.testing.assert_allclose(plan.target_spacing[2], np.percentile(spacings[:, 2], 10))
