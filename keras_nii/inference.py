@@ -6,6 +6,13 @@ volume, in sliding windows with blended overlaps when the volume is larger
 than the model's input or ``patch_size`` is given, and writes the result with
 ``save_nifti(..., like=scan)``: same shape, affine and voxel order as the
 input file, whatever its orientation.
+
+With ``spacing=``, the scan is resampled to the model's voxel spacing first
+and the predicted probabilities (not the labels) are resampled back onto the
+scan's own grid before the argmax or threshold (see :mod:`keras_nii.spacing`).
+With ``tta=``, the prediction is the mean over flipped copies of each window,
+each flipped back (test-time augmentation), and ``uncertainty_path=`` writes
+their voxel-wise variance.
 """
 
 from __future__ import annotations
@@ -19,7 +26,9 @@ from typing import Any, Literal
 
 import numpy as np
 
+from keras_nii import remote
 from keras_nii.io import NIFTI_SUFFIXES, NiftiError, Volume, load_nifti, save_nifti
+from keras_nii.storage import overwritten_input
 
 __all__ = [
     "predict_nifti",
@@ -27,14 +36,100 @@ __all__ = [
     "load_model",
     "size_divisor",
     "sliding_window_positions",
+    "tta_flips",
 ]
 
 Output = Literal["labels", "probabilities"]
 
+#: every combination of flips of the three spatial axes, the identity first
+ALL_FLIPS = tuple(axes for n in range(4) for axes in itertools.combinations((0, 1, 2), n))
+
+
+def tta_flips(tta: Any) -> list[tuple[int, ...]]:
+    """The flips that ``tta=`` names, as tuples of spatial axes; ``()`` is no flip.
+
+    ``None`` is no test-time augmentation (``[()]``); ``"flips"`` is all 8
+    combinations of flips of axes 0, 1 and 2; a list such as ``[(0,), (1,),
+    (0, 1)]`` is those flips. The unflipped prediction is always part of
+    the mean (``()`` is added first when missing) and repeated entries count
+    once.
+    """
+    if tta is None:
+        return [()]
+    if isinstance(tta, str):
+        if tta != "flips":
+            raise ValueError(f"tta must be None, 'flips' or a list of axis tuples, got {tta!r}")
+        return list(ALL_FLIPS)
+    if not isinstance(tta, Sequence):
+        raise ValueError(f"tta must be None, 'flips' or a list of axis tuples, got {tta!r}")
+    flips: list[tuple[int, ...]] = [()]
+    for entry in tta:
+        if isinstance(entry, (int, np.integer)) and not isinstance(entry, bool):
+            entry = (entry,)
+        if not isinstance(entry, Sequence) or isinstance(entry, str):
+            raise ValueError(
+                f"tta entries must be tuples of axes (0, 1, 2), got {entry!r} in {tta!r}"
+            )
+        axes = []
+        for axis in entry:
+            if (
+                isinstance(axis, bool)
+                or not isinstance(axis, (int, np.integer))
+                or not 0 <= axis <= 2
+            ):
+                raise ValueError(f"tta axes must be 0, 1 or 2, got {entry!r} in {tta!r}")
+            axes.append(int(axis))
+        if len(set(axes)) != len(axes):
+            raise ValueError(f"tta entry {entry!r} names an axis twice")
+        key = tuple(sorted(axes))
+        if key not in flips:
+            flips.append(key)
+    return flips
+
+
+def _flip_averaged(
+    run: Callable[[np.ndarray], np.ndarray], flips: list[tuple[int, ...]], variance: bool
+) -> Callable[[np.ndarray], np.ndarray]:
+    """``run`` as the mean of ``flip^-1(run(flip(batch)))`` over ``flips``, in one call.
+
+    All flipped copies of the batch go to the model together. With
+    ``variance``, the variance over the flips follows the mean as more
+    channels: ``(b, x, y, z, 2k)``.
+    """
+
+    def call(batch: np.ndarray) -> np.ndarray:
+        n = len(batch)
+        copies = [np.flip(batch, [a + 1 for a in axes]) if axes else batch for axes in flips]
+        out = np.asarray(run(np.concatenate(copies)), dtype=np.float32)
+        if out.ndim == 4:
+            out = out[..., None]
+        if out.ndim != 5 or out.shape[:4] != (len(flips) * n, *batch.shape[1:4]):
+            raise ValueError(
+                f"the model returned shape {out.shape} for windows of shape "
+                f"{(len(flips) * n, *batch.shape[1:])}: predict_nifti needs a model whose "
+                "output has its input's spatial size"
+            )
+        stack = np.stack(
+            [
+                np.flip(out[i * n : (i + 1) * n], [a + 1 for a in axes])
+                if axes
+                else out[i * n : (i + 1) * n]
+                for i, axes in enumerate(flips)
+            ]
+        )
+        mean = stack.mean(axis=0)
+        if not variance:
+            return mean
+        return np.concatenate([mean, stack.var(axis=0)], axis=-1)
+
+    return call
+
 
 def load_model(path: str | os.PathLike) -> Callable[[np.ndarray], np.ndarray]:
-    """A prediction function from a ``.keras`` file or an exported SavedModel folder.
+    """A prediction function from a ``.keras`` file or an exported artifact.
 
+    ``.onnx`` files run by ONNX Runtime and ``.tflite`` files by the LiteRT
+    interpreter (:mod:`keras_nii.serving`), without Keras or TensorFlow.
     SavedModels (``model.export(...)``) are loaded with ``tf.saved_model.load``
     and called through their ``serve`` endpoint; ``.keras`` files with
     ``keras.saving.load_model`` (keras-nii's layers are registered on import).
@@ -83,8 +178,16 @@ def load_model(path: str | os.PathLike) -> Callable[[np.ndarray], np.ndarray]:
         run.input_shape = _saved_model_input_shape(serve)
         run.size_divisor = _saved_model_divisor(loaded)
         return run
+    if path.lower().endswith((".onnx", ".tflite")):
+        # run without Keras or TensorFlow (keras_nii.serving)
+        from keras_nii.serving import LiteRTModel, OnnxModel
+
+        return OnnxModel(path) if path.lower().endswith(".onnx") else LiteRTModel(path)
     if not path.endswith(".keras"):
-        raise ValueError(f"model {path}: expected a .keras file or an exported SavedModel folder")
+        raise ValueError(
+            f"model {path}: expected a .keras, .onnx or .tflite file or an exported "
+            "SavedModel folder"
+        )
     import keras
 
     import keras_nii.layers  # noqa: F401  (registers the layers for deserialization)
@@ -254,7 +357,9 @@ def predict_volume(
     blend: Literal["gaussian", "constant"] = "gaussian",
     margin: int = 0,
     size_divisor: int | Sequence[int] | None = None,
-) -> np.ndarray:
+    tta: Any = None,
+    uncertainty: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Run a model over one ``(x, y, z, c)`` volume, in sliding windows if needed.
 
     Args:
@@ -278,9 +383,18 @@ def predict_volume(
         size_divisor: the multiple the model's input sizes must be (an int or
             one per axis). Default: what :func:`size_divisor` finds (a
             ``unet3d``: ``2**levels``), else 1.
+        tta: test-time augmentation: ``None``, ``"flips"`` (all 8
+            combinations of flips of the spatial axes) or a list of flips
+            such as ``[(0,), (1,), (0, 1)]`` (see :func:`tta_flips`). Each
+            window's prediction is the mean of ``flip^-1(model(flip(w)))``
+            over the flips, all of which go to the model in one call: a call
+            holds ``batch_size * len(flips)`` windows.
+        uncertainty: also return the variance over the flips (needs ``tta``);
+            overlapping windows blend it as they blend the mean.
 
     Returns:
-        ``(x, y, z, k)`` float32 predictions for every voxel.
+        ``(x, y, z, k)`` float32 predictions for every voxel; with
+        ``uncertainty``, ``(prediction, variance)``, both ``(x, y, z, k)``.
     """
     array = np.asarray(array, dtype=np.float32)
     if array.ndim != 4:
@@ -292,6 +406,11 @@ def predict_volume(
     if blend not in ("gaussian", "constant"):
         raise ValueError(f"blend must be 'gaussian' or 'constant', got {blend!r}")
     run = _predict_fn(model)
+    flips = tta_flips(tta)
+    if uncertainty and tta is None:
+        raise ValueError("uncertainty needs tta: it is the variance over the augmented predictions")
+    if tta is not None:
+        run = _flip_averaged(run, flips, uncertainty)
     input_shape = _model_input_shape(model)
     if input_shape is not None and len(input_shape) == 5:
         channels = input_shape[-1]
@@ -361,7 +480,11 @@ def predict_volume(
             total[window] += pred * w
             norm[window] += w
     result = total / norm
-    return result[: spatial[0], : spatial[1], : spatial[2]]
+    result = result[: spatial[0], : spatial[1], : spatial[2]]
+    if uncertainty:
+        k = result.shape[-1] // 2
+        return result[..., :k], result[..., k:]
+    return result
 
 
 def _to_labels(prediction: np.ndarray, threshold: float) -> np.ndarray:
@@ -420,20 +543,32 @@ def _output_header(header: Any, result: np.ndarray, output: str, classes: int) -
 def _check_output_path(out_path: str, inputs: Sequence[str]) -> None:
     if not out_path.lower().endswith(NIFTI_SUFFIXES):
         raise ValueError(f"out_path must end with one of {NIFTI_SUFFIXES}, got {out_path!r}")
+    if remote.is_url(out_path):  # an object store: compared as normalized URLs
+        source = remote.overwritten_url(out_path, list(inputs))
+        if source is not None:
+            raise ValueError(
+                f"refusing to write {remote.display(out_path)}: it is an input scan "
+                f"({remote.display(source)})"
+            )
+        return
     folder = os.path.dirname(os.path.abspath(out_path))
     if not os.path.isdir(folder):
         raise NiftiError(f"{out_path}: cannot write: folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
         raise NiftiError(f"{out_path}: cannot write: folder {folder} is not writable")
-    for source in inputs:
-        if os.path.abspath(out_path) == os.path.abspath(source) or (
-            os.path.exists(out_path) and os.path.samefile(out_path, source)
-        ):
-            raise ValueError(f"refusing to write {out_path}: it is an input scan")
+    # compared as files (links, case variants, .hdr/.img twins), before the model runs
+    source = overwritten_input([out_path], list(inputs))
+    if source is not None:
+        same = os.path.abspath(source) == os.path.abspath(out_path)
+        raise ValueError(
+            f"refusing to write {out_path}: it is an input scan" + ("" if same else f" ({source})")
+        )
 
 
-def _load_inputs(paths: Sequence[str], canonical: bool) -> tuple[Volume, np.ndarray]:
-    volumes = [load_nifti(p, canonical=canonical) for p in paths]
+def _load_inputs(
+    paths: Sequence[str], canonical: bool, spacing: Any = None
+) -> tuple[Volume, np.ndarray]:
+    volumes = [load_nifti(p, canonical=canonical, spacing=spacing) for p in paths]
     first = volumes[0]
     for other in volumes[1:]:
         if other.shape[:3] != first.shape[:3] or not np.allclose(
@@ -461,11 +596,15 @@ def predict_nifti(
     margin: int = 0,
     canonical: bool = True,
     size_divisor: int | Sequence[int] | None = None,
+    spacing: Sequence[float | None] | float | None = None,
+    tta: Any = None,
+    uncertainty_path: str | os.PathLike | None = None,
 ) -> Path:
     """Predict on a NIfTI scan and write the result in the scan's own space.
 
     Args:
-        model: a Keras model, or the path of a ``.keras`` file or of an
+        model: a Keras model, or the path of a ``.keras`` file, an exported
+            ``.onnx`` or ``.tflite`` file (run without TensorFlow) or an
             exported SavedModel folder (see :func:`load_model`).
         in_path: the scan, or a list of scans of one subject (modalities, in
             the channel order the model was trained with).
@@ -488,6 +627,22 @@ def predict_nifti(
             as ``NiftiDataset``).
         size_divisor: the multiple that the model's input sizes must be;
             default: found from the model (see :func:`size_divisor`), else 1.
+        spacing: the voxel spacing the model was trained at, ``(sx, sy, sz)``
+            in mm (``None`` entries keep an axis): the scan is resampled to it
+            (``load_nifti(..., spacing=...)``), predicted there, and the
+            model's output -- probabilities or logits, never labels -- is
+            resampled linearly back onto the scan's own grid before the
+            argmax or threshold. ``None``: the scan's own grid throughout.
+        tta: test-time augmentation: ``"flips"`` averages the predictions of
+            all 8 combinations of flips of the three axes, each flipped back;
+            or a list of flips such as ``[(0,), (1,), (0, 1)]`` (the unflipped
+            prediction is always included). The flipped copies of a window
+            go to the model in one call (``batch_size`` windows, each with
+            all its flips). See :func:`tta_flips`.
+        uncertainty_path: with ``tta``, a second NIfTI file to write: the
+            voxel-wise variance of the model's output across the augmented
+            predictions (float32, one channel per output channel, a 4D file
+            when there are several), on the same grid as ``out_path``.
 
     Returns:
         The path written.
@@ -508,9 +663,19 @@ def predict_nifti(
     if output not in ("labels", "probabilities"):
         raise ValueError(f"output must be 'labels' or 'probabilities', got {output!r}")
     _check_output_path(out_path, paths)
+    flips = tta_flips(tta)
+    if uncertainty_path is not None:
+        uncertainty_path = os.fspath(uncertainty_path)
+        if tta is None:
+            raise ValueError(
+                "uncertainty_path needs tta=: it is the variance over the augmented predictions"
+            )
+        _check_output_path(uncertainty_path, paths)
+        if os.path.abspath(uncertainty_path) == os.path.abspath(out_path):
+            raise ValueError(f"uncertainty_path and out_path are the same file: {out_path}")
     if isinstance(model, (str, os.PathLike)):
         model = load_model(model)
-    volume, array = _load_inputs(paths, canonical)
+    volume, array = _load_inputs(paths, canonical, spacing)
     prediction = predict_volume(
         model,
         array,
@@ -520,8 +685,36 @@ def predict_nifti(
         blend=blend,
         margin=margin,
         size_divisor=size_divisor,
+        tta=None if tta is None else flips,
+        uncertainty=uncertainty_path is not None,
     )
+    variance = None
+    if uncertainty_path is not None:
+        prediction, variance = prediction
+    if volume.resampling is not None:
+        # the probabilities go back to the scan's grid, then become labels
+        how = volume.resampling
+        prediction = how.invert(prediction, "linear")
+        if variance is not None:
+            variance = how.invert(variance, "linear")
+        volume = dataclasses.replace(
+            volume, array=prediction, affine=how.source_affine, resampling=None
+        )
     result = _to_labels(prediction, threshold) if output == "labels" else prediction
     classes = max(2, prediction.shape[-1]) if output == "labels" else prediction.shape[-1]
     header = _output_header(volume.header, np.asarray(result), output, classes)
-    return save_nifti(result, out_path, like=dataclasses.replace(volume, header=header))
+    written = save_nifti(result, out_path, like=dataclasses.replace(volume, header=header))
+    if variance is not None:
+        variance = variance.astype(np.float32)
+        header = _output_header(volume.header, variance, "probabilities", variance.shape[-1])
+        if header is not None:
+            header.set_intent("estimate", (), name="variance")
+            header["cal_min"], header["cal_max"] = 0.0, float(max(variance.max(), 0.0))
+            header["descrip"] = b"keras-nii predict_nifti: variance across test-time flips"
+        save_nifti(
+            variance,
+            uncertainty_path,
+            like=dataclasses.replace(volume, header=header),
+            dtype="float32",
+        )
+    return written
