@@ -13,13 +13,9 @@ This module uses NumPy and ``keras.utils.PyDataset`` only; the model graph
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import numbers
 import os
-import uuid
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,9 +23,11 @@ from typing import Any
 import keras
 import numpy as np
 
+from keras_nii import remote, storage
+from keras_nii.cache import DirectoryCache, MemoryCache, source_fingerprint
 from keras_nii.io import NiftiError, load_nifti
 from keras_nii.sharding import Shard, check_shard, detect_shard, share
-from keras_nii.spacing import check_spacing
+from keras_nii.spacing import check_spacing, resample_onto
 
 __all__ = ["NiftiDataset", "center_crop_or_pad", "NIFTI_FILE_SUFFIXES"]
 
@@ -38,7 +36,6 @@ NIFTI_FILE_SUFFIXES = (".nii.gz", ".nii")
 
 # affines of modalities, and of an image and its mask, must agree this closely (mm)
 _AFFINE_ATOL = 1e-4
-_CACHE_VERSION = "keras-nii-cache-1"
 
 PathLike = str | os.PathLike
 
@@ -229,39 +226,6 @@ def _normalize_cache(cache: Any) -> str | None:
     raise ValueError(f"cache must be None, 'memory' or a directory path, got {cache!r}")
 
 
-def _file_key(path: str, canonical: bool, dtype: str, spacing: Any = None) -> tuple[str, str]:
-    """(readable stem, hash) naming a decoded volume; changes when the file does."""
-    absolute = os.path.abspath(path)
-    try:
-        stat = os.stat(absolute)
-    except OSError:
-        # let load_nifti report the missing file with its usual message
-        load_nifti(absolute)
-        raise
-    token = repr((_CACHE_VERSION, absolute, stat.st_size, stat.st_mtime_ns, canonical, dtype))
-    if spacing is not None:
-        token += repr(("spacing", tuple(spacing)))
-    digest = hashlib.sha256(token.encode()).hexdigest()[:32]
-    name = os.path.basename(absolute)
-    for suffix in NIFTI_FILE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:48]
-    return stem, digest
-
-
-def _atomic_write(final: str, write) -> None:
-    tmp = f"{final}.{uuid.uuid4().hex}.tmp"
-    try:
-        with open(tmp, "xb") as f:
-            write(f)
-        os.replace(tmp, final)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 class NiftiDataset(keras.utils.PyDataset):
     """Batches of NIfTI volumes for ``model.fit``, ``evaluate`` and ``predict``.
 
@@ -293,15 +257,23 @@ class NiftiDataset(keras.utils.PyDataset):
 
     Caching keeps decoded volumes (after reorientation, before cropping):
 
-    - ``cache="memory"``: in a dict, in this process. With
+    - ``cache="memory"``: in this process, at most ``cache_bytes`` of
+      arrays, the least recently used dropped first. With
       ``use_multiprocessing=True`` each worker process has its own short-lived
       copy, so prefer a directory cache there.
     - ``cache=<directory>``: as uncompressed ``.npy`` files plus a small
-      ``.json`` (the affine), written atomically, shared by worker processes
-      and by later runs. Entries are keyed by the file's absolute path, size,
-      modification time, ``canonical``, dtype and ``spacing``, so a changed
-      file is read (and its geometry checked) again, and datasets at two
-      spacings can share a cache folder. Stale entries are not deleted.
+      ``.json`` (the affine, shape, dtype, a CRC-32 of the array, and what the
+      entry was made from), written atomically, shared by worker processes
+      and by later runs. Entries are named by the file's absolute path,
+      ``canonical``, dtype and ``spacing`` (datasets at two spacings can share
+      a cache folder), and each is checked before use (see
+      :mod:`keras_nii.cache`); a damaged entry is read again from the source
+      and replaced.
+
+    Either cache serves an entry only while its source file is the one it was
+    made from (device, inode, size, modification and status-change times, of
+    both files of a ``.hdr``/``.img`` pair), so a changed file is read (and its
+    geometry checked) again, and its old entry dropped or replaced.
 
     Args:
         images: a list of paths (one image per subject), or a list of lists
@@ -316,6 +288,10 @@ class NiftiDataset(keras.utils.PyDataset):
         seed: seed of the shuffling.
         cache: ``None``, ``"memory"`` or a directory (``str`` or
             ``os.PathLike``; created if missing).
+        cache_bytes: the most bytes of arrays that ``cache="memory"`` keeps.
+            Default: a quarter of the memory available when the dataset is
+            made (:func:`keras_nii.storage.available_memory`), 4 GiB when that
+            is unknown.
         canonical: reorient volumes to RAS+ (flips and transposes only).
         spacing: ``(sx, sy, sz)`` in mm (a single number: isotropic; an entry
             ``None`` keeps that axis): resample every volume to this voxel
@@ -323,7 +299,10 @@ class NiftiDataset(keras.utils.PyDataset):
             spacing=...)`` does: images linearly, label maps per label then
             argmax (see :mod:`keras_nii.spacing`). A subject's modalities and
             label map, which share a grid in their files, share the new grid
-            too. Caches hold the resampled volumes. ``None``: no resampling.
+            too; one whose file grid differs from the first modality's but
+            has parallel voxel axes (another resolution or field of view) is
+            resampled from its own grid onto the first modality's new grid.
+            Caches hold the resampled volumes. ``None``: no resampling.
         patch_size: ``(px, py, pz)``: yield patches of this shape instead of
             whole volumes (see :mod:`keras_nii.patches`): every epoch, each
             subject gives ``patches_per_volume`` windows, the same window cut
@@ -381,6 +360,7 @@ class NiftiDataset(keras.utils.PyDataset):
         cache: str | os.PathLike | None = None,
         canonical: bool = True,
         spacing: Sequence[float | None] | float | None = None,
+        cache_bytes: int | None = None,
         patch_size: Sequence[int] | None = None,
         patches_per_volume: int = 1,
         label_probabilities: Any = None,
@@ -412,7 +392,7 @@ class NiftiDataset(keras.utils.PyDataset):
             for files in self.images
             + [(m,) for m in (self.labels if self.label_kind == "masks" else [])]
             for path in files
-            if not os.path.isfile(path)
+            if not (remote.exists(path) if remote.is_url(path) else os.path.isfile(path))
         ]
         if missing:
             raise NiftiError(
@@ -422,7 +402,12 @@ class NiftiDataset(keras.utils.PyDataset):
         self.cache = _normalize_cache(cache)
         self.canonical = bool(canonical)
         self.spacing = None if spacing is None else check_spacing(spacing)
-        self._memory: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+        if cache_bytes is None:
+            available = storage.available_memory()
+            cache_bytes = 4 << 30 if available is None else available // 4
+        self.cache_bytes = _check_positive_int("cache_bytes", cache_bytes)
+        self._memory = MemoryCache(self.cache_bytes)
+        self._directory = None if self.cache in (None, "memory") else DirectoryCache(self.cache)
         self._rng = np.random.default_rng(seed)
         n = len(self.images)
         self.shard = check_shard(shard)
@@ -645,10 +630,12 @@ class NiftiDataset(keras.utils.PyDataset):
     def __getstate__(self) -> dict[str, Any]:
         # a memory cache is not worth copying to a worker process
         state = self.__dict__.copy()
-        state["_memory"] = {}
+        state["_memory"] = MemoryCache(self.cache_bytes)
         return state
 
-    def _load(self, path: str, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    def _load(
+        self, path: str, dtype: str, spacing: Any = "dataset"
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The decoded (reoriented, uncropped) array and affine of one file.
 
         Without a cache the array is load_nifti's, in nibabel's layout: the
@@ -658,47 +645,42 @@ class NiftiDataset(keras.utils.PyDataset):
         straight into the batch (a plain ``np.load`` read each entry into a
         new array first: ~1.5 against ~0.9 ms per 128^3 volume); an entry
         shorter than its header says is not mapped but read again.
+        ``spacing`` is the dataset's unless given (``None``: the file's grid).
         """
+        spacing = self.spacing if isinstance(spacing, str) else spacing
+        if self.cache not in (None, "memory") and remote.is_url(path):
+            # a local copy in the cache folder, named by the URL and the object's
+            # version (ETag ...): a changed object is fetched again, an unchanged
+            # one never is; its decoded entry is then cached like a local file's
+            path = remote.fetch(path, os.path.join(self.cache, "remote"))
         if self.cache is None:
-            vol = load_nifti(path, canonical=self.canonical, dtype=dtype, spacing=self.spacing)
+            vol = load_nifti(path, canonical=self.canonical, dtype=dtype, spacing=spacing)
             return vol.array, vol.affine
-        stem, digest = _file_key(path, self.canonical, dtype, self.spacing)
+        if remote.is_url(path):
+            # the memory cache: an object's fingerprint is its version (ETag ...)
+            fingerprint: tuple = (remote.version(remote.object_info(path)),)
+        else:
+            try:
+                fingerprint = source_fingerprint(path)
+            except OSError:
+                load_nifti(path)  # reports the missing file with its usual message
+                raise
+        settings = (self.canonical, dtype, spacing)
         if self.cache == "memory":
-            hit = self._memory.get((path, digest))
+            key = (path if remote.is_url(path) else os.path.abspath(path), settings)
+            hit = self._memory.get(key, fingerprint)
             if hit is None:
-                vol = load_nifti(path, canonical=self.canonical, dtype=dtype, spacing=self.spacing)
+                vol = load_nifti(path, canonical=self.canonical, dtype=dtype, spacing=spacing)
                 hit = (_c_ordered(vol.array), vol.affine)
-                self._memory[(path, digest)] = hit
+                self._memory.put(key, fingerprint, *hit)
             return hit
-        base = os.path.join(self.cache, f"{stem}-{digest}")
-        try:
-            with open(base + ".json", encoding="utf-8") as f:
-                meta = json.load(f)
-            array = np.load(base + ".npy", mmap_mode="r", allow_pickle=False)
-            affine = np.asarray(meta["affine"], dtype=np.float64).reshape(4, 4)
-            if array.dtype == np.dtype(dtype) and array.ndim == 4:
-                return array, affine
-        except (OSError, ValueError, KeyError, EOFError):
-            pass  # not cached yet, or a damaged entry: read the source again
-        vol = load_nifti(path, canonical=self.canonical, dtype=dtype, spacing=self.spacing)
+        directory = self._directory
+        hit = directory.get(path, settings, fingerprint, dtype)
+        if hit is not None:
+            return hit
+        vol = load_nifti(path, canonical=self.canonical, dtype=dtype, spacing=spacing)
         array = _c_ordered(vol.array)
-        meta = {
-            "source": os.path.abspath(path),
-            "canonical": self.canonical,
-            "spacing": self.spacing,
-            "dtype": dtype,
-            "shape": list(array.shape),
-            "affine": vol.affine.tolist(),
-        }
-        try:
-            # the .json first: an entry counts as cached once its .npy exists
-            _atomic_write(base + ".json", lambda f: f.write(json.dumps(meta).encode()))
-            _atomic_write(base + ".npy", lambda f: np.save(f, array, allow_pickle=False))
-        except OSError as err:
-            warnings.warn(
-                f"NiftiDataset: cannot write the cache entry of {path} in {self.cache}: {err}",
-                stacklevel=2,
-            )
+        directory.put(path, settings, fingerprint, array, vol.affine)
         return array, vol.affine
 
     def _sample(self, subject: int) -> tuple[list[np.ndarray], np.ndarray | None]:
@@ -712,18 +694,32 @@ class NiftiDataset(keras.utils.PyDataset):
             if ref_array is None:
                 ref_array, ref_affine = array, affine
             else:
-                _check_same_grid(
-                    subject, files[0], ref_array, ref_affine, path, array, affine, "modality"
-                )
+                array = self._on_grid(subject, files[0], ref_array, ref_affine, path, array, affine)
             arrays.append(array)
         y = None
         if self.label_kind == "masks":
             mask_path = self.labels[subject]
             y, mask_affine = self._load(mask_path, "int32")
-            _check_same_grid(
-                subject, files[0], ref_array, ref_affine, mask_path, y, mask_affine, "label map"
-            )
+            y = self._on_grid(subject, files[0], ref_array, ref_affine, mask_path, y, mask_affine)
         return arrays, y
+
+    def _on_grid(self, subject, ref_path, ref_array, ref_affine, path, array, affine):
+        """``array`` (of ``path``), checked to be on the first modality's grid. With
+        ``spacing=``, a file whose own grid differs (another resolution, another
+        field of view, parallel voxel axes) is resampled from its own grid onto
+        the first modality's new grid instead: one interpolation, not two."""
+        what = "modality" if array.dtype.kind == "f" else "label map"
+        if self.spacing is None or _same_grid(ref_array, ref_affine, array, affine):
+            _check_same_grid(subject, ref_path, ref_array, ref_affine, path, array, affine, what)
+            return array
+        source, source_affine = self._load(path, array.dtype.name, spacing=None)
+        try:
+            return resample_onto(source, source_affine, ref_array.shape[:3], ref_affine)
+        except ValueError as err:
+            raise NiftiError(
+                f"subject {subject}: the {what} {path} cannot be resampled onto the grid of "
+                f"{ref_path}: {err}"
+            ) from err
 
     def _assemble(
         self, samples: list[list[np.ndarray]], subjects, paths: list[str], dtype: Any
@@ -759,10 +755,14 @@ class NiftiDataset(keras.utils.PyDataset):
         return batch
 
 
-def _check_same_grid(subject, path_a, array_a, affine_a, path_b, array_b, affine_b, what):
-    if array_a.shape[:3] != array_b.shape[:3] or not np.allclose(
+def _same_grid(array_a, affine_a, array_b, affine_b) -> bool:
+    return array_a.shape[:3] == array_b.shape[:3] and np.allclose(
         affine_a, affine_b, rtol=0, atol=_AFFINE_ATOL
-    ):
+    )
+
+
+def _check_same_grid(subject, path_a, array_a, affine_a, path_b, array_b, affine_b, what):
+    if not _same_grid(array_a, affine_a, array_b, affine_b):
         raise NiftiError(
             f"subject {subject}: the {what} {path_b} is not on the same voxel grid as "
             f"{path_a}: spatial shapes {array_b.shape[:3]} vs {array_a.shape[:3]}, affines\n"
@@ -771,16 +771,26 @@ def _check_same_grid(subject, path_a, array_a, affine_a, path_b, array_b, affine
         )
 
 
-def _list_nifti(folder: PathLike, argument: str) -> dict[str, Path]:
-    """{stem: path} of the NIfTI files in a folder, sorted by file name."""
+def _folder_entries(folder: PathLike, argument: str) -> list[tuple[str, Any]]:
+    """(file name, path) of the regular, not hidden files in a folder or, for a
+    URL, of the NIfTI objects directly under it (``path`` is then the URL)."""
+    if remote.is_url(os.fspath(folder)):
+        urls = remote.list_folder(os.fspath(folder), NIFTI_FILE_SUFFIXES)
+        return [(remote.basename(url), url) for url in urls]
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"{argument}: {folder} is not a directory")
-    found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir(), key=lambda p: p.name):
-        name = path.name
-        if name.startswith(".") or not path.is_file():
-            continue
+    return [
+        (path.name, path)
+        for path in folder.iterdir()
+        if not path.name.startswith(".") and path.is_file()
+    ]
+
+
+def _list_nifti(folder: PathLike, argument: str) -> dict[str, Any]:
+    """{stem: path} of the NIfTI files in a folder (or under a URL), sorted by file name."""
+    found: dict[str, Any] = {}
+    for name, path in sorted(_folder_entries(folder, argument), key=lambda entry: entry[0]):
         suffix = next((s for s in NIFTI_FILE_SUFFIXES if name.lower().endswith(s)), None)
         if suffix is None:
             continue
@@ -792,4 +802,4 @@ def _list_nifti(folder: PathLike, argument: str) -> dict[str, Path]:
         found[stem] = path
     if not found:
         raise ValueError(f"{argument}: no .nii or .nii.gz files in {folder}")
-    return dict(sorted(found.items(), key=lambda item: item[1].name))
+    return found

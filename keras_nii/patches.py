@@ -21,8 +21,10 @@ Sampling
 
 The voxels of each class are found once per subject (on the grid the dataset
 reads: after reorientation and ``spacing=``) and kept: in memory, and with
-``cache=DIR`` as small ``.npy`` files beside the volume's entry, so that later
-runs and worker processes do not scan the label map again. A class of more
+``cache=DIR`` as small ``.npz`` files beside the label map's entry (used only
+while the label map's fingerprint matches and every stored voxel holds its
+class), so that later runs and worker processes do not scan the label map
+again. A class of more
 than :data:`MAX_CLASS_VOXELS` voxels keeps a uniform random subset of that
 many (nnU-Net keeps 10,000 per class): centres are drawn from the subset.
 
@@ -76,6 +78,7 @@ import multiprocessing.context
 import numbers
 import os
 import threading
+import zipfile
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -522,38 +525,71 @@ class PatchQueue:
         known = dict(known or {})
         path = dataset.labels[subject]
         seed = zlib.crc32(os.path.abspath(path).encode())
-        base = self._cache_base(dataset, path)
+        stored = _StoredVoxels.of(dataset, path)
         for label in self.label_probabilities:
             if label in known:
                 continue
-            file = None if base is None else f"{base}.class{label}.npy"
-            voxels = None
-            if file is not None:
-                try:
-                    voxels = np.load(file, allow_pickle=False)
-                    if voxels.ndim != 2 or voxels.shape[1] != 3:
-                        voxels = None
-                except (OSError, ValueError, EOFError):
-                    voxels = None
+            voxels = None if stored is None else stored.get(label, mask)
             if voxels is None:
                 voxels = class_voxels(mask, label, seed)
-                if file is not None:
-                    from keras_nii.data import _atomic_write
-
-                    try:
-                        _atomic_write(file, lambda f, v=voxels: np.save(f, v, allow_pickle=False))
-                    except OSError:
-                        pass  # a read-only cache: the voxels are found again next time
+                if stored is not None:
+                    stored.put(label, voxels)
             known[label] = voxels
         with self._lock:
             self._voxels[subject] = known
         return known
 
-    @staticmethod
-    def _cache_base(dataset: Any, path: str) -> str | None:
-        if dataset.cache is None or dataset.cache == "memory":
-            return None
-        from keras_nii.data import _file_key
 
-        stem, digest = _file_key(path, dataset.canonical, "int32", dataset.spacing)
-        return os.path.join(dataset.cache, f"{stem}-{digest}")
+class _StoredVoxels:
+    """The class voxels of a label map in a directory cache, beside its entry.
+
+    One ``.npz`` per class holds the voxels and the fingerprint of the label
+    map they were found in; an entry is used only if the fingerprint matches,
+    its voxels lie inside the mask and every one of them holds the class.
+    """
+
+    def __init__(self, base: str, fingerprint: tuple) -> None:
+        self.base, self.fingerprint = base, repr(fingerprint)
+
+    @classmethod
+    def of(cls, dataset: Any, path: str) -> _StoredVoxels | None:
+        directory = getattr(dataset, "_directory", None)
+        if directory is None or "://" in path:
+            return None
+        from keras_nii.cache import source_fingerprint
+
+        try:
+            fingerprint = source_fingerprint(path)
+        except OSError:
+            return None
+        settings = (dataset.canonical, "int32", dataset.spacing)
+        return cls(directory.base(path, settings), fingerprint)
+
+    def get(self, label: int, mask: np.ndarray) -> np.ndarray | None:
+        try:
+            with np.load(f"{self.base}.class{label}.npz", allow_pickle=False) as entry:
+                if str(entry["fingerprint"]) != self.fingerprint:
+                    return None
+                voxels = entry["voxels"]
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            return None
+        shape = np.asarray(mask.shape[:3])
+        if voxels.ndim != 2 or voxels.shape[1] != 3 or voxels.dtype.kind not in "iu":
+            return None
+        if len(voxels) and ((voxels < 0).any() or (voxels >= shape).any()):
+            return None
+        index = tuple(voxels.T.astype(np.intp))
+        if len(voxels) and not (mask.reshape(mask.shape[:3])[index] == label).all():
+            return None
+        return voxels
+
+    def put(self, label: int, voxels: np.ndarray) -> None:
+        from keras_nii.cache import _atomic_write
+
+        def write(file: Any) -> None:
+            np.savez(file, voxels=voxels, fingerprint=np.array(self.fingerprint))
+
+        try:
+            _atomic_write(f"{self.base}.class{label}.npz", write)
+        except OSError:
+            pass  # a read-only cache: the voxels are found again next time

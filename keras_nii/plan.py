@@ -107,7 +107,7 @@ def _is_path(value: Any) -> bool:
 
 def _inputs(images: Any, labels: Any) -> list[tuple[str, str | None]]:
     """``(image, label or None)`` pairs from folders or lists of files."""
-    if _is_path(images) and Path(images).is_dir():
+    if _is_path(images):
         found = _list_folder(Path(images), "images")
         if labels is None:
             return [(str(p), None) for p in found.values()]
@@ -129,8 +129,6 @@ def _inputs(images: Any, labels: Any) -> list[tuple[str, str | None]]:
                 + (" ..." if len(orphans) > 5 else "")
             )
         return [(str(found[s]), str(maps[s])) for s in found]
-    if _is_path(images):
-        raise ValueError(f"images must be a folder or a list of NIfTI files, got {images!r}")
     try:
         files = [os.fspath(p) for p in images]
     except TypeError as err:

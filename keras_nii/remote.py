@@ -34,6 +34,10 @@ from typing import Any
 
 __all__ = [
     "is_url",
+    "local_path",
+    "twin",
+    "basename",
+    "overwritten_url",
     "display",
     "normalize",
     "object_info",
@@ -105,7 +109,7 @@ def normalize(url: str) -> str:
     scheme = match.group(1).lower()
     rest = url[match.end() :]
     host, _, path = rest.partition("/")
-    path = posixpath.normpath("/" + path) if path else "/"
+    path = posixpath.normpath("/" + path.lstrip("/")) if path else "/"
     return f"{scheme}://{host.lower()}{path}"
 
 
@@ -116,6 +120,9 @@ def object_info(url: str) -> dict:
 
     fs, path = filesystem(url)
     try:
+        # the store's word, not a listing fsspec cached earlier (a stale ETag
+        # would serve a replaced object's old copy)
+        fs.invalidate_cache(path)
         info = fs.info(path)
     except FileNotFoundError as err:
         raise fail(display(url), "no such object") from err
@@ -147,13 +154,35 @@ def version(info: dict) -> str:
     return ";".join(parts)
 
 
+def twin(url: str) -> str | None:
+    """The other object of a ``.hdr``/``.img`` pair (the suffix's case kept), or ``None``."""
+    suffix = url[-4:]
+    other = _TWIN.get(suffix.lower())
+    if other is None:
+        return None
+    return url[:-4] + (other.upper() if suffix[1:].isupper() else other)
+
+
 def _twins(url: str) -> list[str]:
-    lower = url.lower()
-    for suffix, other in _TWIN.items():
-        if lower.endswith(suffix):
-            twin = url[: -len(suffix)] + (other.upper() if url[-4:].isupper() else other)
-            return [url, twin]
-    return [url]
+    other = twin(url)
+    return [url] if other is None else [url, other]
+
+
+def basename(url: str) -> str:
+    """The last part of ``url``'s path (the file name)."""
+    return posixpath.basename(normalize(url)) or "object.nii"
+
+
+def overwritten_url(target: str, inputs: Sequence[str]) -> str | None:
+    """The input that writing ``target`` (with its pair twin) would overwrite,
+    comparing normalized URLs (and their twins); ``None`` if none."""
+    targets = {normalize(u) for u in _twins(target)}
+    for source in inputs:
+        if not is_url(source):
+            continue
+        if any(normalize(u) in targets for u in _twins(source)):
+            return source
+    return None
 
 
 def _download(url: str, info: dict, target: str) -> None:
@@ -192,12 +221,14 @@ def fetch(url: str, folder: str) -> str:
     urls = _twins(url)
     infos = [object_info(u) for u in urls]
     key = hashlib.sha256(
-        "\n".join(f"{normalize(u)}\n{version(i)}" for u, i in zip(urls, infos, strict=True)).encode()
+        "\n".join(
+            f"{normalize(u)}\n{version(i)}" for u, i in zip(urls, infos, strict=True)
+        ).encode()
     ).hexdigest()[:24]
     os.makedirs(folder, exist_ok=True)
     local = []
     for u, info in zip(urls, infos, strict=True):
-        name = posixpath.basename(normalize(u)) or "object.nii"
+        name = basename(u)
         target = os.path.join(folder, f"{key}-{name}")
         if not os.path.isfile(target) or os.path.getsize(target) != info.get("size"):
             _download(u, info, target)
@@ -227,6 +258,7 @@ def list_folder(url: str, suffixes: Sequence[str]) -> list[str]:
 
     fs, path = filesystem(url)
     try:
+        fs.invalidate_cache(path)
         entries = fs.ls(path, detail=True)
     except FileNotFoundError as err:
         raise fail(display(url), "no such folder") from err

@@ -240,6 +240,31 @@ def test_a_scan_is_decoded_once_per_epoch_and_class_voxels_found_once(
     assert not found and not loads
 
 
+def test_stored_class_voxels_are_checked_before_use(own_masks, tmp_path) -> None:
+    cache = str(tmp_path / "cache")
+    options = dict(label_probabilities={1: 1, 2: 1}, cache=cache)
+    first = dataset(own_masks, **options)
+    epoch(first)
+    stored = sorted(Path(cache).glob("*.class1.npz"))
+    assert len(stored) == len(SHAPES)
+    # voxels that do not hold their class (a damaged or forged entry) are found again
+    with np.load(stored[0]) as entry:
+        fingerprint = entry["fingerprint"]
+    np.savez(stored[0], voxels=np.zeros((5, 3), np.uint16), fingerprint=fingerprint)
+    stored[1].write_bytes(b"not a zip file")
+    second = dataset(own_masks, **options)
+    for batch in second.patches.plan(second):
+        for patch in batch:
+            offset = np.subtract(patch.voxel, patch.start)
+            assert own_masks[2][patch.subject][patch.voxel] == patch.label
+            assert (offset >= 0).all()
+    voxels = second.patches._voxels
+    for subject, lab in enumerate(own_masks[2]):
+        np.testing.assert_array_equal(
+            np.sort(voxels[subject][1], axis=0), np.sort(np.argwhere(lab == 1), axis=0)
+        )
+
+
 def test_class_voxels_subsample_a_large_class_uniformly() -> None:
     mask = np.zeros((64, 64, 64), np.int32)
     mask[:, :, :32] = 1  # half the volume: subsampled by rejection
