@@ -334,16 +334,22 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             "2**levels), pass --size-divisor N"
         ) from err
 
+    import tempfile
+
     import nibabel as nib
 
-    img = nib.load(str(written))
-    summary = (
-        f"wrote {written}: {' x '.join(str(s) for s in img.shape)} {img.get_data_dtype().name}"
-    )
-    if args.output == "labels":
-        labels = np.asarray(img.dataobj)
-        summary += f", {int(np.count_nonzero(labels))} non-zero voxel(s)"
-    print(summary + ", on the grid of " + args.inputs[0])
+    with tempfile.TemporaryDirectory(prefix="keras-nii-predict-") as tmp:
+        # read back what was written (from the store, for a URL)
+        local = remote.fetch(str(written), tmp) if remote.is_url(str(written)) else str(written)
+        img = nib.load(local)
+        summary = (
+            f"wrote {remote.display(str(written))}: {' x '.join(str(s) for s in img.shape)} "
+            f"{img.get_data_dtype().name}"
+        )
+        if args.output == "labels":
+            labels = np.asarray(img.dataobj)
+            summary += f", {int(np.count_nonzero(labels))} non-zero voxel(s)"
+    print(summary + ", on the grid of " + remote.display(args.inputs[0]))
     if args.uncertainty is not None:
         print(f"wrote {args.uncertainty}: the variance across {len(_tta_names(tta))} predictions")
     return 0
