@@ -47,6 +47,7 @@ _SUBMODULES = (
     "models",
     "ops",
     "pairing",
+    "patches",
     "phantoms",
     "plan",
     "plot",
