@@ -554,13 +554,17 @@ def _resample_labels(array: np.ndarray, axes) -> np.ndarray:
         region = total[target_box]
         region += p
         region = best[target_box]
-        wins = p > region
-        region[wins] = p[wins]
-        best_label[target_box][wins] = value
+        # labels come in ascending order: on a tie the smaller one, already there, stays
+        np.copyto(best_label[target_box], value, where=p > region)
+        np.maximum(region, p, out=region)
     # the background's interpolated indicator is one minus the others'
     p_background = np.subtract(1.0, total, out=total)
-    background_wins = (p_background > best) | ((p_background == best) & (background < best_label))
-    best_label[background_wins] = background
+    wins = np.greater(p_background, best) if background > values[0] else None
+    if wins is None:  # the background is the smallest label: it wins ties too
+        wins = np.greater_equal(p_background, best)
+    else:  # ties with a smaller label go to it
+        wins |= (p_background == best) & (best_label > background)
+    np.copyto(best_label, background, where=wins)
     return best_label
 
 
