@@ -24,6 +24,7 @@ import keras
 from keras import ops
 
 from keras_nii.layers.base import VolumeLayer, check_bool, check_number, check_range, register
+from keras_nii.ops.quantile import finite_quantiles
 from keras_nii.ops.reduce import finite_min_max, reduce_rows
 
 __all__ = ["ZScoreNormalization", "MinMaxNormalization", "IntensityWindow"]
@@ -43,6 +44,27 @@ def _check_interval(name: str, value: Any, **bounds: Any) -> tuple[float, float]
     return low, high
 
 
+def _check_statistic(name: str, value: Any, positive: bool = False) -> Any:
+    """``None``, a finite number, or a non-empty list of them (one a channel)."""
+    if value is None:
+        return None
+    many = isinstance(value, (list, tuple))
+    values = list(value) if many else [value]
+    kind = "positive finite" if positive else "finite"
+    problem = ValueError(
+        f"{name} must be None, a {kind} number or a list of them (one a channel), got {value!r}"
+    )
+    if not values:
+        raise problem
+    try:
+        numbers = tuple(check_number(name, v) for v in values)
+    except ValueError:
+        raise problem from None
+    if positive and min(numbers) <= 0:
+        raise problem
+    return numbers if many else numbers[0]
+
+
 # ----------------------------------------------------------------------------
 # helpers
 
@@ -57,51 +79,27 @@ _SHIFT_STRIDE = 4
 
 
 def _value_nearest_mean(values: Any, keep: Any) -> tuple[Any, Any]:
-    """Per row of ``values`` (reduced over axis 1): the kept value nearest the
+    """Per row of ``values`` (reduced over axis 1): a kept value nearest the
     mean of the kept values, and how many values are kept.
 
-    ``keep`` is ``values``'s 0/1 mask. A row without kept values gives its
-    first value (0 where ``keep`` drops zeros) and a count of 0.
+    ``keep`` is ``values``'s 0/1 mask. A row without kept values gives 0
+    and a count of 0. Of two
+    kept values equally near the mean, the larger. (A minimum and a select,
+    not ``argmin``: under TensorFlow an argmin over floats lowers to bit
+    operations that ONNX and LiteRT cannot run.)
     """
     count = ops.sum(keep, axis=1, keepdims=True)
     kept = ops.where(keep > 0, values, ops.zeros_like(values))  # NaN * 0 would be NaN
     mean = ops.sum(kept, axis=1, keepdims=True) / ops.maximum(count, 1.0)
     distance = ops.where(keep > 0, ops.abs(kept - mean), math.inf)
-    index = ops.expand_dims(ops.argmin(distance, axis=1), 1)
-    return ops.take_along_axis(kept, index, axis=1), count
+    nearest = ops.equal(distance, ops.min(distance, axis=1, keepdims=True))
+    return ops.max(ops.where(nearest, kept, -math.inf), axis=1, keepdims=True), count
 
 
 def _kept(values: Any, nonzero: bool) -> Any:
     """Which voxels the statistics take: the finite ones (and non-zero ones)."""
     keep = ops.isfinite(values)
     return ops.logical_and(keep, ops.not_equal(values, 0)) if nonzero else keep
-
-
-def _finite_quantiles(flat: Any, fractions: tuple[float, ...]) -> list[Any]:
-    """``numpy.percentile`` (linear) of the finite values along axis 1, per fraction.
-
-    Each comes back shaped like ``flat`` with axis 1 of size 1; 0 for a row
-    without a finite value. NaN sorts last (as +inf), -inf first; the finite
-    values lie in between, from the count of -inf on.
-    """
-    finite = ops.isfinite(flat)
-    ordered = ops.sort(ops.where(ops.isnan(flat), ops.full_like(flat, math.inf), flat), axis=1)
-    count = ops.sum(ops.cast(finite, "int32"), axis=1, keepdims=True)
-    first = ops.sum(ops.cast(ops.logical_and(ops.logical_not(finite), flat < 0), "int32"), 1)
-    first = ops.expand_dims(first, 1)
-    last = ops.maximum(count - 1, 0)
-    end = ops.shape(flat)[1] - 1
-    quantiles = []
-    for fraction in fractions:
-        position = ops.cast(last, flat.dtype) * fraction
-        below = ops.floor(position)
-        low = ops.cast(below, "int32")
-        high = ops.minimum(low + 1, last)
-        v0 = ops.take_along_axis(ordered, ops.minimum(first + low, end), axis=1)
-        v1 = ops.take_along_axis(ordered, ops.minimum(first + high, end), axis=1)
-        value = v0 + (v1 - v0) * (position - below)
-        quantiles.append(ops.where(count > 0, value, ops.zeros_like(value)))
-    return quantiles
 
 
 # ----------------------------------------------------------------------------
@@ -129,12 +127,25 @@ class ZScoreNormalization(VolumeLayer):
     -1000 HU) lose no precision. Non-finite voxels (NaN, +-inf) are left out
     of the statistics and come out as they went in.
 
+    With ``mean`` and ``std`` (given together) the statistics are fixed,
+    dataset-wide (e.g. the foreground statistics of a dataset fingerprint, as
+    nnU-Net does for CT): every sample becomes ``(x - mean) / std``, with one
+    number for all channels or a list of one a channel. Nothing is computed
+    from the data, and the values are saved and exported with the model.
+    ``nonzero=True`` still leaves zero voxels at zero; ``epsilon`` plays no
+    part (a fixed std must be positive).
+
     Args:
         nonzero: compute the statistics over the non-zero voxels only and leave
             zero voxels at zero.
         per_channel: normalize each channel on its own (default) or all
             channels of a sample together.
         epsilon: a std below this is treated as 1 (must be > 0).
+        mean: ``None`` (each sample's own mean) or the fixed mean to
+            subtract: a finite number, or a list of one a channel.
+        std: ``None`` (each sample's own std) or the fixed std to divide by:
+            a positive number, or a list of one a channel. Given with
+            ``mean``.
         data_format: ``"channels_last"`` (default) or ``"channels_first"``.
         **kwargs: passed to ``keras.layers.Layer``.
 
@@ -150,6 +161,8 @@ class ZScoreNormalization(VolumeLayer):
     ```python
     layer = keras_nii.layers.ZScoreNormalization(nonzero=True)
     out = layer(np.random.rand(2, 16, 16, 16, 1).astype("float32"))
+    # fixed statistics of a CT dataset's foreground, after a window
+    fixed = keras_nii.layers.ZScoreNormalization(mean=95.6, std=48.2)
     ```
     """
 
@@ -158,6 +171,8 @@ class ZScoreNormalization(VolumeLayer):
         nonzero: bool = False,
         per_channel: bool = True,
         epsilon: float = 1e-8,
+        mean: float | list[float] | None = None,
+        std: float | list[float] | None = None,
         data_format: str | None = None,
         **kwargs: Any,
     ):
@@ -168,6 +183,25 @@ class ZScoreNormalization(VolumeLayer):
         if epsilon <= 0:
             raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
         self.epsilon = epsilon
+        self.mean = _check_statistic("mean", mean)
+        self.std = _check_statistic("std", std, positive=True)
+        if (self.mean is None) != (self.std is None):
+            raise ValueError(
+                f"mean and std are fixed together: give both or neither, got mean={mean!r}, "
+                f"std={std!r}"
+            )
+
+    def _fixed(self, name: str, x: Any) -> Any:
+        """The fixed statistic ``name`` as a constant that broadcasts over ``x``."""
+        value = getattr(self, name)
+        if isinstance(value, tuple):
+            channels = x.shape[4]
+            if channels is not None and len(value) not in (1, channels):
+                raise ValueError(
+                    f"{name} has {len(value)} values (one a channel) but the images have "
+                    f"{channels} channels"
+                )
+        return ops.convert_to_tensor(value, dtype=x.dtype)
 
     def _shift(self, voxels: Any, subsample: Any, work: str) -> Any:
         """A value of the voxels taken into account, near their mean, per row.
@@ -193,6 +227,11 @@ class ZScoreNormalization(VolumeLayer):
         dtype = images.dtype
         work = _work_dtype(dtype)
         x = ops.cast(images, work)
+        if self.mean is not None:
+            out = (x - self._fixed("mean", x)) / self._fixed("std", x)
+            if self.nonzero:
+                out = ops.where(ops.not_equal(x, 0), out, ops.zeros_like(out))
+            return ops.cast(out, dtype)
         shape = ops.shape(x)
         # One row per sample, or per sample and channel, reduced over axis 1.
         # (batch, voxels) when a sample is one group: XLA's CPU reductions are
@@ -242,7 +281,13 @@ class ZScoreNormalization(VolumeLayer):
 
     def get_config(self) -> dict:
         config = super().get_config()
-        config.update(nonzero=self.nonzero, per_channel=self.per_channel, epsilon=self.epsilon)
+        config.update(
+            nonzero=self.nonzero,
+            per_channel=self.per_channel,
+            epsilon=self.epsilon,
+            mean=list(self.mean) if isinstance(self.mean, tuple) else self.mean,
+            std=list(self.std) if isinstance(self.std, tuple) else self.std,
+        )
         return config
 
 
@@ -310,15 +355,13 @@ class MinMaxNormalization(VolumeLayer):
         if self.percentiles is None:
             return finite_min_max(x, self.per_channel)
         shape = ops.shape(x)
-        # a sort along the voxels of each row (ops.quantile fails on a rank-4
-        # input of dynamic sizes in a TF graph, and takes NaN and inf in)
+        # the percentiles of the finite voxels of each row
         channels = shape[4] if self.per_channel else 1
         rows = (shape[0], -1, channels) if self.per_channel else (shape[0], -1)
-        fractions = tuple(p / 100.0 for p in self.percentiles)
-        low, high = _finite_quantiles(ops.reshape(x, rows), fractions)
-        return ops.reshape(low, (shape[0], 1, 1, 1, channels)), ops.reshape(
-            high, (shape[0], 1, 1, 1, channels)
-        )
+        fractions = [p / 100.0 for p in self.percentiles]
+        low, high = finite_quantiles(ops.reshape(x, rows), fractions)
+        window = (shape[0], 1, 1, 1, channels)
+        return ops.reshape(low, window), ops.reshape(high, window)
 
     def transform_images(self, images: Any, transformation: Any) -> Any:
         dtype = images.dtype
