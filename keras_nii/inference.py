@@ -399,6 +399,39 @@ def _trim_faces(
     return weights
 
 
+def _check_count(name: str, value: Any) -> int:
+    """A positive int (a NumPy one too), or a ValueError naming ``name``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _check_overlap(value: Any) -> float:
+    """A number in [0, 1), or a ValueError naming ``overlap``."""
+    if (
+        isinstance(value, (bool, np.bool_))
+        or not isinstance(value, (int, float, np.integer, np.floating))
+        or not 0.0 <= value < 1.0
+    ):
+        raise ValueError(f"overlap must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+def _check_patch_size(value: Any) -> tuple[int, int, int]:
+    """Three positive ints ``(x, y, z)`` (not a string, not floats), or a ValueError."""
+    if (
+        isinstance(value, (str, bytes))
+        or not isinstance(value, (Sequence, np.ndarray))
+        or len(value) != 3
+        or any(
+            isinstance(p, (bool, np.bool_)) or not isinstance(p, (int, np.integer)) or p < 1
+            for p in value
+        )
+    ):
+        raise ValueError(f"patch_size must be three positive integers (x, y, z), got {value!r}")
+    return tuple(int(p) for p in value)
+
+
 def predict_volume(
     model: Any,
     array: np.ndarray,
@@ -454,10 +487,10 @@ def predict_volume(
     array = np.asarray(array, dtype=np.float32)
     if array.ndim != 4:
         raise ValueError(f"array must be (x, y, z, c), got shape {array.shape}")
-    if not 0.0 <= overlap < 1.0:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    overlap = _check_overlap(overlap)
+    batch_size = _check_count("batch_size", batch_size)
+    if patch_size is not None:
+        patch_size = _check_patch_size(patch_size)
     if blend not in ("gaussian", "constant"):
         raise ValueError(f"blend must be 'gaussian' or 'constant', got {blend!r}")
     run = _predict_fn(model)
@@ -526,6 +559,12 @@ def predict_volume(
             raise ValueError(
                 f"the model returned shape {out.shape} for windows of shape {batch.shape}: "
                 "predict_nifti needs a model whose output has its input's spatial size"
+            )
+        if not np.isfinite(out).all():
+            raise ValueError(
+                f"the model returned NaN or inf for the window(s) starting at {chunk} (of "
+                f"size {patch}): a label map or probabilities made of them would be wrong; "
+                "check the scan for non-finite voxels and the model's weights"
             )
         if total is None:
             total = np.zeros((*full, out.shape[-1]), np.float32)
@@ -794,6 +833,17 @@ def predict_nifti(
     out_path = os.fspath(out_path)
     if output not in ("labels", "probabilities"):
         raise ValueError(f"output must be 'labels' or 'probabilities', got {output!r}")
+    if (
+        isinstance(threshold, (bool, np.bool_))
+        or not isinstance(threshold, (int, float, np.integer, np.floating))
+        or not np.isfinite(threshold)
+    ):
+        raise ValueError(f"threshold must be a finite number, got {threshold!r}")
+    # the window arguments, before a scan is read or the model run
+    _check_overlap(overlap)
+    _check_count("batch_size", batch_size)
+    if patch_size is not None:
+        _check_patch_size(patch_size)
     _check_output_path(out_path, paths)
     flips = tta_flips(tta)
     if uncertainty_path is not None:

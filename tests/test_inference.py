@@ -408,6 +408,65 @@ def test_other_bad_arguments(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "argument, value",
+    [
+        ("overlap", "0.5"),
+        ("overlap", True),
+        ("overlap", float("nan")),
+        ("batch_size", 2.5),
+        ("batch_size", "2"),
+        ("batch_size", 0),
+        ("patch_size", (8.5, 8, 8)),
+        ("patch_size", "888"),
+        ("patch_size", (8, 8, True)),
+        ("patch_size", 8),
+    ],
+)
+def test_window_arguments_of_another_type_name_themselves(tmp_path, argument, value):
+    # overlap="0.5" and batch_size=2.5 were TypeErrors; patch_size=(8.5, 8, 8)
+    # and "888" were silently made (8, 8, 8)
+    in_path, _, _ = phantom_scan(tmp_path, "LPS")
+    out = tmp_path / "p.nii.gz"
+    with pytest.raises(ValueError, match=argument):
+        predict_nifti(never_called, in_path, out, **{argument: value})
+    with pytest.raises(ValueError, match=argument):
+        predict_volume(never_called, np.zeros((8, 8, 8, 1), "float32"), **{argument: value})
+    assert not out.exists()
+    # NumPy scalars are numbers like any other
+    got = predict_volume(
+        lambda b: b,
+        np.ones((8, 8, 8, 1), "float32"),
+        overlap=np.float32(0.25),
+        batch_size=np.int64(2),
+        patch_size=np.array([4, 4, 4]),
+    )
+    np.testing.assert_allclose(got, 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("threshold", [float("nan"), float("inf"), "0.5", None])
+def test_threshold_must_be_a_finite_number(tmp_path, threshold):
+    in_path, _, _ = phantom_scan(tmp_path, "LPS")
+    with pytest.raises(ValueError, match="threshold"):
+        predict_nifti(never_called, in_path, tmp_path / "p.nii.gz", threshold=threshold)
+
+
+@pytest.mark.parametrize("output", ["labels", "probabilities"])
+def test_a_model_output_with_nan_is_an_error_not_an_empty_label_map(tmp_path, output):
+    # NaN > threshold is False: the label map came out all zeros, silently
+    in_path, _, _ = phantom_scan(tmp_path, "LPS")
+    out = tmp_path / "p.nii.gz"
+
+    def broken(batch):
+        result = np.array(batch, dtype="float32")
+        result[:, 1, 2, 3] = np.nan
+        return result
+
+    with pytest.raises(ValueError, match="NaN or inf"):
+        predict_nifti(broken, in_path, out, output=output)
+    assert not out.exists()
+
+
 # ----------------------------------------------------------------------------
 # models from files
 

@@ -128,7 +128,7 @@ def layers_model() -> keras.Model:
     """One output a deterministic layer, and one for all the random layers in a chain."""
     inputs = keras.Input((None, None, None, 2), name="scan")
     outputs = [layer(inputs) for layer in deterministic_layers()]
-    # RandomCrop3D last: it says its output has the crop's size (in training)
+    # RandomCrop3D last: its output has the crop's size (the central window in serving)
     random = sorted(
         (factory() for factory in EXAMPLES if factory().RANDOM),
         key=lambda layer: type(layer).__name__ == "RandomCrop3D",
@@ -170,9 +170,16 @@ def test_every_deterministic_layer_exports_to_onnx_and_litert(layers_model, expo
             assert a.shape == want.shape and b.shape == want.shape, name
             assert_close(a, want, f"ONNX {name} on {x.shape}")
             assert_close(b, want, f"LiteRT {name} on {x.shape}")
-        # the random layers are the identity in serving
-        np.testing.assert_array_equal(got_onnx[-1], x)
-        np.testing.assert_array_equal(got_litert[-1], x)
+        # the random layers are the identity in serving, but for RandomCrop3D
+        # (last), which takes the central window, as Keras's RandomCrop does
+        (crop,) = [layer for layer in layers_model.layers if type(layer).__name__ == "RandomCrop3D"]
+        window = x
+        for axis, size in enumerate(crop.shape, start=1):
+            start = (x.shape[axis] - size) // 2
+            assert start >= 0  # the scans are larger than the window
+            window = np.take(window, np.arange(start, start + size), axis=axis)
+        np.testing.assert_array_equal(got_onnx[-1], window)
+        np.testing.assert_array_equal(got_litert[-1], window)
 
 
 def test_exported_layers_keep_symbolic_sizes_and_no_random_op(exported_layers):
