@@ -1,10 +1,11 @@
-"""The ``keras-nii`` command: ``demo``, ``info``, ``predict`` and ``bench``.
+"""The ``keras-nii`` command: ``demo``, ``info``, ``plan``, ``predict`` and ``bench``.
 
 Run ``keras-nii --help``, or ``keras-nii COMMAND --help``. Expected problems
 (a missing or damaged file, a bad argument) end the command with one line,
 ``keras-nii: error: ...``, on stderr and a non-zero exit status; ``--traceback``
 shows the full Python traceback instead. TensorFlow and Keras are imported only
-by the commands that run a model.
+by the commands that run a model, and then without TensorFlow's own log lines
+(see :mod:`keras_nii.quiet`) unless ``--verbose`` is given.
 """
 
 from __future__ import annotations
@@ -26,6 +27,15 @@ _EXPECTED = (ValueError, OSError, ImportError)
 
 class CommandError(Exception):
     """An error to report in one line (the message says what to do)."""
+
+
+def _quiet(args: argparse.Namespace | None, module: str = "keras") -> None:
+    """Import Keras (or TensorFlow) without TensorFlow's log lines, unless --verbose."""
+    if args is not None and getattr(args, "verbose", False):
+        return
+    from keras_nii.quiet import quiet_tensorflow
+
+    quiet_tensorflow(module)
 
 
 def _version() -> str:
@@ -134,6 +144,55 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- #
+# plan
+# --------------------------------------------------------------------------- #
+
+
+class _ProgressBar:
+    """``[#####.....] 12/40 name`` on stderr, redrawn in place."""
+
+    WIDTH = 30
+
+    def __init__(self, stream: Any):
+        self.stream = stream
+        self.drawn = 0
+
+    def __call__(self, done: int, total: int, path: str) -> None:
+        filled = self.WIDTH * done // total
+        line = f"{PROG} plan: [{'#' * filled}{'.' * (self.WIDTH - filled)}] {done}/{total} "
+        line += os.path.basename(path)
+        self.stream.write("\r" + line.ljust(self.drawn))
+        self.drawn = len(line)
+        if done == total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from keras_nii.plan import fingerprint
+
+    for folder in (args.images_dir, args.labels_dir):
+        if folder is not None and not os.path.isdir(folder):
+            raise CommandError(f"{folder}: no such folder")
+    show = args.progress if args.progress is not None else sys.stderr.isatty()
+    plan = fingerprint(
+        args.images_dir,
+        args.labels_dir,
+        modality=args.modality,
+        max_voxels=args.max_voxels,
+        progress=_ProgressBar(sys.stderr) if show else None,
+    )
+    if args.json == "-":
+        sys.stdout.write(plan.to_json())
+        return 0
+    print(plan.report(), flush=True)
+    if args.json is not None:
+        plan.to_json(args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+# --------------------------------------------------------------------------- #
 # predict
 # --------------------------------------------------------------------------- #
 
@@ -156,7 +215,10 @@ class _Guarded:
     """A model as predict_volume calls it, whose own failures become _ModelFailed."""
 
     def __init__(self, model: Any):
+        from keras_nii.inference import size_divisor
+
         self.input_shape = getattr(model, "input_shape", None)
+        self.size_divisor = size_divisor(model)
         self._run = model.predict_on_batch if hasattr(model, "predict_on_batch") else model
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -191,7 +253,32 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise CommandError(f"{args.output_path} already exists; pass --overwrite to replace it")
     if args.patch_size is not None and min(args.patch_size) < 1:
         raise CommandError(f"--patch-size must be three positive integers, got {args.patch_size}")
+    tta = None
+    if args.tta is not None:
+        if "flips" in args.tta:
+            if len(args.tta) > 1:
+                raise CommandError("--tta flips already holds every flip: give it alone")
+            tta = "flips"
+        else:
+            tta = list(args.tta)
+    if args.uncertainty is not None:
+        if tta is None:
+            raise CommandError("--uncertainty needs --tta: it is the variance across the flips")
+        if not args.uncertainty.lower().endswith(NIFTI_SUFFIXES):
+            raise CommandError(
+                f"--uncertainty {args.uncertainty} must end with one of {', '.join(NIFTI_SUFFIXES)}"
+            )
+        if os.path.abspath(args.uncertainty) == os.path.abspath(args.output_path):
+            raise CommandError("--uncertainty and OUT are the same file")
+        for scan in args.inputs:
+            if os.path.abspath(scan) == os.path.abspath(args.uncertainty) or (
+                os.path.exists(args.uncertainty) and os.path.samefile(scan, args.uncertainty)
+            ):
+                raise CommandError(f"refusing to write {args.uncertainty}: it is an input scan")
+        if os.path.exists(args.uncertainty) and not args.overwrite:
+            raise CommandError(f"{args.uncertainty} already exists; pass --overwrite to replace it")
 
+    _quiet(args, "tensorflow" if os.path.isdir(args.model) else "keras")
     from keras_nii.inference import load_model, predict_nifti
 
     model = _Guarded(load_model(args.model))
@@ -207,13 +294,17 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             threshold=args.threshold,
             blend=args.blend,
             margin=args.margin,
+            size_divisor=args.size_divisor,
+            spacing=args.spacing,
+            tta=tta,
+            uncertainty_path=args.uncertainty,
         )
     except _ModelFailed as err:
         shape = " x ".join(str(s) for s in err.batch_shape[1:4])
         raise CommandError(
             f"the model failed on windows of {shape} voxels of {', '.join(args.inputs)} "
-            f"({err.reason}); if it needs particular input sizes (a U-Net: multiples of "
-            "2**levels), pass --patch-size with such sizes"
+            f"({err.reason}); if it needs input sizes that are multiples of some N (a U-Net: "
+            "2**levels), pass --size-divisor N"
         ) from err
 
     import nibabel as nib
@@ -226,7 +317,15 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         labels = np.asarray(img.dataobj)
         summary += f", {int(np.count_nonzero(labels))} non-zero voxel(s)"
     print(summary + ", on the grid of " + args.inputs[0])
+    if args.uncertainty is not None:
+        print(f"wrote {args.uncertainty}: the variance across {len(_tta_names(tta))} predictions")
     return 0
+
+
+def _tta_names(tta: Any) -> list[tuple[int, ...]]:
+    from keras_nii.inference import tta_flips
+
+    return tta_flips(tta)
 
 
 # --------------------------------------------------------------------------- #
@@ -235,6 +334,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    _quiet(args)
     from keras_nii.demo import run_demo
 
     run_demo(
@@ -302,9 +402,34 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _spacing_entry(text: str) -> float | None:
+    if text.lower() in ("keep", "none"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a spacing in mm (or 'keep'), got {text!r}"
+        ) from None
+    if not (value > 0 and np.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive spacing in mm, got {text!r}")
+    return value
+
+
+def _tta_entry(text: str) -> str | tuple[int, ...]:
+    """'flips', or the axes of one flip written as digits ('0', '12', '012')."""
+    if text == "flips":
+        return text
+    if not text or any(c not in "012" for c in text) or len(set(text)) != len(text):
+        raise argparse.ArgumentTypeError(
+            f"expected 'flips' or the axes of a flip as digits (0, 1, 2, 01, 012 ...), got {text!r}"
+        )
+    return tuple(int(c) for c in text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``keras-nii`` (``bench`` arguments are the benchmark's own)."""
-    from keras_nii.demo import DEFAULTS
+    from keras_nii._defaults import DEMO as DEFAULTS
 
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -316,6 +441,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--traceback",
         action="store_true",
         help="show the full Python traceback of an error instead of one line",
+    )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="let TensorFlow print its own log lines (hidden by default)",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -386,6 +516,49 @@ def build_parser() -> argparse.ArgumentParser:
     )
     info.set_defaults(handler=_cmd_info)
 
+    plan = commands.add_parser(
+        "plan",
+        help="fingerprint a dataset: spacings, shapes, intensities, labels; suggest a setup",
+        description=(
+            "Read every NIfTI file of IMAGES_DIR (and the label map of the same name in "
+            "LABELS_DIR) and print, per file and for the dataset: shape, voxel spacing (median "
+            "and 10th percentile per axis), orientation, foreground intensities (0.5 / 99.5 "
+            "percentiles, mean, std; the foreground is the label maps' non-zero voxels, else "
+            "the images' non-zero voxels) and label fractions. Then the suggestions: "
+            "target_spacing, median_shape at that spacing, patch_size and the normalization "
+            "(CT: clip + dataset z-score; MR: per-sample z-score). See keras_nii.plan."
+        ),
+    )
+    plan.add_argument("images_dir", metavar="IMAGES_DIR", help="folder of .nii / .nii.gz images")
+    plan.add_argument(
+        "labels_dir", nargs="?", metavar="LABELS_DIR", help="folder of label maps (same names)"
+    )
+    plan.add_argument(
+        "--json",
+        metavar="FILE",
+        help="also write the plan as JSON to FILE ('-': print only the JSON, on stdout)",
+    )
+    plan.add_argument(
+        "--modality",
+        choices=("auto", "ct", "mr"),
+        default="auto",
+        help="auto: CT if the intensities are Hounsfield units (default: %(default)s)",
+    )
+    plan.add_argument(
+        "--max-voxels",
+        type=_positive_int,
+        default=128**3,
+        metavar="N",
+        help="voxel budget of the suggested patch (default: %(default)s = 128^3)",
+    )
+    plan.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a progress bar on stderr (default: when stderr is a terminal)",
+    )
+    plan.set_defaults(handler=_cmd_plan)
+
     predict = commands.add_parser(
         "predict",
         help="run a saved model on a NIfTI scan, writing the result in the scan's space",
@@ -410,6 +583,13 @@ def build_parser() -> argparse.ArgumentParser:
         nargs=3,
         metavar=("X", "Y", "Z"),
         help="sliding-window size (default: the model's fixed input size, else the whole scan)",
+    )
+    predict.add_argument(
+        "--size-divisor",
+        type=_positive_int,
+        metavar="N",
+        help="pad the scan to multiples of N voxels for the model, and crop the result back "
+        "(default: what the model records, 2**levels for a keras-nii unet3d, else 1)",
     )
     predict.add_argument(
         "--overlap",
@@ -452,6 +632,29 @@ def build_parser() -> argparse.ArgumentParser:
         default="gaussian",
         help="weighting of overlapping windows (default: %(default)s)",
     )
+    predict.add_argument(
+        "--spacing",
+        type=_spacing_entry,
+        nargs=3,
+        metavar=("SX", "SY", "SZ"),
+        help="the voxel spacing in mm the model was trained at ('keep' keeps an axis): the "
+        "scan is resampled to it, and the probabilities back to the scan's grid",
+    )
+    predict.add_argument(
+        "--tta",
+        type=_tta_entry,
+        nargs="+",
+        metavar="FLIP",
+        help="test-time augmentation: 'flips' (all 8 combinations of axis flips) or the flips "
+        "to average, as axis digits (e.g. --tta 0 1 01); the unflipped prediction is always "
+        "included",
+    )
+    predict.add_argument(
+        "--uncertainty",
+        metavar="FILE",
+        help="with --tta: also write the voxel-wise variance across the augmented "
+        "predictions to FILE (.nii or .nii.gz)",
+    )
     predict.add_argument("--overwrite", action="store_true", help="replace an existing OUT file")
     predict.set_defaults(handler=_cmd_predict)
 
@@ -493,7 +696,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     show_traceback = "--traceback" in argv[:command_at]
     try:
         if command_at < len(argv) and argv[command_at] == "bench":
-            if all(word == "--traceback" for word in argv[:command_at]):
+            if all(word in ("--traceback", "--verbose") for word in argv[:command_at]):
+                rest = argv[command_at + 1 :]
+                if "--verbose" not in argv[:command_at] and not {"-h", "--help"} & set(rest):
+                    _quiet(None)
                 return _cmd_bench(argv[command_at + 1 :])
         parser = build_parser()
         args = parser.parse_args(argv)

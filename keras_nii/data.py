@@ -28,6 +28,7 @@ import keras
 import numpy as np
 
 from keras_nii.io import NiftiError, load_nifti
+from keras_nii.spacing import check_spacing
 
 __all__ = ["NiftiDataset", "center_crop_or_pad", "NIFTI_FILE_SUFFIXES"]
 
@@ -227,7 +228,7 @@ def _normalize_cache(cache: Any) -> str | None:
     raise ValueError(f"cache must be None, 'memory' or a directory path, got {cache!r}")
 
 
-def _file_key(path: str, canonical: bool, dtype: str) -> tuple[str, str]:
+def _file_key(path: str, canonical: bool, dtype: str, spacing: Any = None) -> tuple[str, str]:
     """(readable stem, hash) naming a decoded volume; changes when the file does."""
     absolute = os.path.abspath(path)
     try:
@@ -237,6 +238,8 @@ def _file_key(path: str, canonical: bool, dtype: str) -> tuple[str, str]:
         load_nifti(absolute)
         raise
     token = repr((_CACHE_VERSION, absolute, stat.st_size, stat.st_mtime_ns, canonical, dtype))
+    if spacing is not None:
+        token += repr(("spacing", tuple(spacing)))
     digest = hashlib.sha256(token.encode()).hexdigest()[:32]
     name = os.path.basename(absolute)
     for suffix in NIFTI_FILE_SUFFIXES:
@@ -295,8 +298,9 @@ class NiftiDataset(keras.utils.PyDataset):
     - ``cache=<directory>``: as uncompressed ``.npy`` files plus a small
       ``.json`` (the affine), written atomically, shared by worker processes
       and by later runs. Entries are keyed by the file's absolute path, size,
-      modification time, ``canonical`` and dtype, so a changed file is read
-      (and its geometry checked) again. Stale entries are not deleted.
+      modification time, ``canonical``, dtype and ``spacing``, so a changed
+      file is read (and its geometry checked) again, and datasets at two
+      spacings can share a cache folder. Stale entries are not deleted.
 
     Args:
         images: a list of paths (one image per subject), or a list of lists
@@ -312,6 +316,13 @@ class NiftiDataset(keras.utils.PyDataset):
         cache: ``None``, ``"memory"`` or a directory (``str`` or
             ``os.PathLike``; created if missing).
         canonical: reorient volumes to RAS+ (flips and transposes only).
+        spacing: ``(sx, sy, sz)`` in mm (a single number: isotropic; an entry
+            ``None`` keeps that axis): resample every volume to this voxel
+            spacing after the reorientation, as ``load_nifti(...,
+            spacing=...)`` does: images linearly, label maps per label then
+            argmax (see :mod:`keras_nii.spacing`). A subject's modalities and
+            label map, which share a grid in their files, share the new grid
+            too. Caches hold the resampled volumes. ``None``: no resampling.
         workers: passed to ``keras.utils.PyDataset``: the number of threads
             or processes that build batches during ``fit``.
         use_multiprocessing: passed to ``keras.utils.PyDataset``: processes
@@ -343,6 +354,7 @@ class NiftiDataset(keras.utils.PyDataset):
         seed: int | None = None,
         cache: str | os.PathLike | None = None,
         canonical: bool = True,
+        spacing: Sequence[float | None] | float | None = None,
         workers: int = 1,
         use_multiprocessing: bool = False,
         max_queue_size: int = 10,
@@ -378,6 +390,7 @@ class NiftiDataset(keras.utils.PyDataset):
             )
         self.cache = _normalize_cache(cache)
         self.canonical = bool(canonical)
+        self.spacing = None if spacing is None else check_spacing(spacing)
         self._memory: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
         self._rng = np.random.default_rng(seed)
         n = len(self.images)
@@ -494,13 +507,13 @@ class NiftiDataset(keras.utils.PyDataset):
         shorter than its header says is not mapped but read again.
         """
         if self.cache is None:
-            vol = load_nifti(path, canonical=self.canonical, dtype=dtype)
+            vol = load_nifti(path, canonical=self.canonical, dtype=dtype, spacing=self.spacing)
             return vol.array, vol.affine
-        stem, digest = _file_key(path, self.canonical, dtype)
+        stem, digest = _file_key(path, self.canonical, dtype, self.spacing)
         if self.cache == "memory":
             hit = self._memory.get((path, digest))
             if hit is None:
-                vol = load_nifti(path, canonical=self.canonical, dtype=dtype)
+                vol = load_nifti(path, canonical=self.canonical, dtype=dtype, spacing=self.spacing)
                 hit = (_c_ordered(vol.array), vol.affine)
                 self._memory[(path, digest)] = hit
             return hit
@@ -514,11 +527,12 @@ class NiftiDataset(keras.utils.PyDataset):
                 return array, affine
         except (OSError, ValueError, KeyError, EOFError):
             pass  # not cached yet, or a damaged entry: read the source again
-        vol = load_nifti(path, canonical=self.canonical, dtype=dtype)
+        vol = load_nifti(path, canonical=self.canonical, dtype=dtype, spacing=self.spacing)
         array = _c_ordered(vol.array)
         meta = {
             "source": os.path.abspath(path),
             "canonical": self.canonical,
+            "spacing": self.spacing,
             "dtype": dtype,
             "shape": list(array.shape),
             "affine": vol.affine.tolist(),

@@ -40,19 +40,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["run_demo", "DEFAULTS", "DemoError"]
+# the defaults live in a module of their own, so that `keras-nii --help` does not import this one
+from keras_nii._defaults import DEMO as DEFAULTS
 
-#: The defaults of ``keras-nii demo`` (tuned to learn in a few minutes on 2 CPU cores).
-DEFAULTS = {
-    "out": "keras-nii-demo",
-    "epochs": 20,
-    "cases": 32,
-    "size": 32,
-    "seed": 0,
-    "batch_size": 2,
-    "filters": 8,
-    "learning_rate": 1e-2,
-}
+__all__ = ["run_demo", "DEFAULTS", "DemoError"]
 
 # what the demo writes in its folder; --overwrite replaces these and nothing else
 _OUTPUTS = ("data", "heldout", "model.keras", "exported", "prediction.nii.gz", "slices.png")
@@ -285,6 +276,8 @@ def run_demo(
     )
     callback = _validation_callback(net, val_ds)
     fit_start = time.perf_counter()
+    # Keras prints nothing until the first step has been traced and compiled
+    log("compiling the training step (epoch 1 includes it and is the slowest)...")
     model.fit(train_ds, epochs=epochs, callbacks=[callback], verbose=verbose)
     fit_seconds = time.perf_counter() - fit_start
 

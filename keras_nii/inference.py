@@ -6,10 +6,18 @@ volume, in sliding windows with blended overlaps when the volume is larger
 than the model's input or ``patch_size`` is given, and writes the result with
 ``save_nifti(..., like=scan)``: same shape, affine and voxel order as the
 input file, whatever its orientation.
+
+With ``spacing=``, the scan is resampled to the model's voxel spacing first
+and the predicted probabilities (not the labels) are resampled back onto the
+scan's own grid before the argmax or threshold (see :mod:`keras_nii.spacing`).
+With ``tta=``, the prediction is the mean over flipped copies of each window,
+each flipped back (test-time augmentation), and ``uncertainty_path=`` writes
+their voxel-wise variance.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 from collections.abc import Callable, Sequence
@@ -20,9 +28,99 @@ import numpy as np
 
 from keras_nii.io import NIFTI_SUFFIXES, NiftiError, Volume, load_nifti, save_nifti
 
-__all__ = ["predict_nifti", "predict_volume", "load_model", "sliding_window_positions"]
+__all__ = [
+    "predict_nifti",
+    "predict_volume",
+    "load_model",
+    "size_divisor",
+    "sliding_window_positions",
+    "tta_flips",
+]
 
 Output = Literal["labels", "probabilities"]
+
+#: every combination of flips of the three spatial axes, the identity first
+ALL_FLIPS = tuple(axes for n in range(4) for axes in itertools.combinations((0, 1, 2), n))
+
+
+def tta_flips(tta: Any) -> list[tuple[int, ...]]:
+    """The flips that ``tta=`` names, as tuples of spatial axes; ``()`` is no flip.
+
+    ``None`` is no test-time augmentation (``[()]``); ``"flips"`` is all 8
+    combinations of flips of axes 0, 1 and 2; a list such as ``[(0,), (1,),
+    (0, 1)]`` is those flips. The unflipped prediction is always part of
+    the mean (``()`` is added first when missing) and repeated entries count
+    once.
+    """
+    if tta is None:
+        return [()]
+    if isinstance(tta, str):
+        if tta != "flips":
+            raise ValueError(f"tta must be None, 'flips' or a list of axis tuples, got {tta!r}")
+        return list(ALL_FLIPS)
+    if not isinstance(tta, Sequence):
+        raise ValueError(f"tta must be None, 'flips' or a list of axis tuples, got {tta!r}")
+    flips: list[tuple[int, ...]] = [()]
+    for entry in tta:
+        if isinstance(entry, (int, np.integer)) and not isinstance(entry, bool):
+            entry = (entry,)
+        if not isinstance(entry, Sequence) or isinstance(entry, str):
+            raise ValueError(
+                f"tta entries must be tuples of axes (0, 1, 2), got {entry!r} in {tta!r}"
+            )
+        axes = []
+        for axis in entry:
+            if (
+                isinstance(axis, bool)
+                or not isinstance(axis, (int, np.integer))
+                or not 0 <= axis <= 2
+            ):
+                raise ValueError(f"tta axes must be 0, 1 or 2, got {entry!r} in {tta!r}")
+            axes.append(int(axis))
+        if len(set(axes)) != len(axes):
+            raise ValueError(f"tta entry {entry!r} names an axis twice")
+        key = tuple(sorted(axes))
+        if key not in flips:
+            flips.append(key)
+    return flips
+
+
+def _flip_averaged(
+    run: Callable[[np.ndarray], np.ndarray], flips: list[tuple[int, ...]], variance: bool
+) -> Callable[[np.ndarray], np.ndarray]:
+    """``run`` as the mean of ``flip^-1(run(flip(batch)))`` over ``flips``, in one call.
+
+    All flipped copies of the batch go to the model together. With
+    ``variance``, the variance over the flips follows the mean as more
+    channels: ``(b, x, y, z, 2k)``.
+    """
+
+    def call(batch: np.ndarray) -> np.ndarray:
+        n = len(batch)
+        copies = [np.flip(batch, [a + 1 for a in axes]) if axes else batch for axes in flips]
+        out = np.asarray(run(np.concatenate(copies)), dtype=np.float32)
+        if out.ndim == 4:
+            out = out[..., None]
+        if out.ndim != 5 or out.shape[:4] != (len(flips) * n, *batch.shape[1:4]):
+            raise ValueError(
+                f"the model returned shape {out.shape} for windows of shape "
+                f"{(len(flips) * n, *batch.shape[1:])}: predict_nifti needs a model whose "
+                "output has its input's spatial size"
+            )
+        stack = np.stack(
+            [
+                np.flip(out[i * n : (i + 1) * n], [a + 1 for a in axes])
+                if axes
+                else out[i * n : (i + 1) * n]
+                for i, axes in enumerate(flips)
+            ]
+        )
+        mean = stack.mean(axis=0)
+        if not variance:
+            return mean
+        return np.concatenate([mean, stack.var(axis=0)], axis=-1)
+
+    return call
 
 
 def load_model(path: str | os.PathLike) -> Callable[[np.ndarray], np.ndarray]:
@@ -74,6 +172,7 @@ def load_model(path: str | os.PathLike) -> Callable[[np.ndarray], np.ndarray]:
         # are deleted with it
         run.saved_model = loaded
         run.input_shape = _saved_model_input_shape(serve)
+        run.size_divisor = _saved_model_divisor(loaded)
         return run
     if not path.endswith(".keras"):
         raise ValueError(f"model {path}: expected a .keras file or an exported SavedModel folder")
@@ -106,6 +205,67 @@ def _saved_model_input_shape(serve: Any) -> tuple | None:
         return tuple(specs[0].shape.as_list())
     except ValueError:  # unknown rank
         return None
+
+
+def _saved_model_divisor(loaded: Any) -> tuple[int, int, int] | None:
+    """The divisor a SizeDivisor layer stored as a variable in an exported model."""
+    for variable in getattr(loaded, "variables", ()):
+        name = getattr(variable, "name", "")
+        if name.split("/")[-1].split(":")[0] == "size_divisor" and variable.shape == (3,):
+            return tuple(int(v) for v in np.asarray(variable.numpy()))
+    return None
+
+
+# the layers that divide a spatial size by their strides (transposed convolutions multiply)
+_DOWNSAMPLING = ("MaxPooling3D", "AveragePooling3D", "Conv3D", "DepthwiseConv3D", "SeparableConv3D")
+
+
+def size_divisor(model: Any) -> tuple[int, int, int] | None:
+    """The multiple that the spatial sizes of a model's input must be, if it is known.
+
+    - a model with a :class:`keras_nii.models.SizeDivisor` layer (every
+      :func:`keras_nii.models.unet3d`), also loaded from a ``.keras`` file or
+      an exported SavedModel (:func:`load_model`): its stored divisor;
+    - an object with a ``size_divisor`` attribute: that;
+    - another Keras model: the product, per axis, of the strides of its 3D
+      pooling and strided convolution layers (a U-Net with ``n`` poolings by
+      2: ``2**n``); this can overestimate for a model with parallel
+      downsampling branches, which only costs some padding;
+    - otherwise (a plain function, a SavedModel without the layer): ``None``.
+      Pass ``size_divisor=`` to :func:`predict_nifti` for such a model.
+    """
+    value = getattr(model, "size_divisor", None)
+    if value is not None and not hasattr(value, "shape"):  # not a layer's weight
+        return tuple(int(v) for v in value)
+    layers = getattr(model, "layers", None)
+    if layers is None:
+        return None
+    divisor = [1, 1, 1]
+    stack = list(layers)
+    while stack:
+        layer = stack.pop()
+        if type(layer).__name__ == "SizeDivisor":
+            return tuple(int(v) for v in layer.divisor)
+        if hasattr(layer, "layers"):  # a nested model
+            stack.extend(layer.layers)
+            continue
+        if type(layer).__name__ in _DOWNSAMPLING:
+            strides = getattr(layer, "strides", None) or getattr(layer, "pool_size", None)
+            if strides is not None:
+                strides = [strides] * 3 if isinstance(strides, int) else list(strides)
+                divisor = [d * int(s) for d, s in zip(divisor, strides, strict=False)]
+    return tuple(divisor)
+
+
+def _divisor_argument(value: Any, model: Any) -> tuple[int, int, int]:
+    if value is None:
+        return size_divisor(model) or (1, 1, 1)
+    values = [value] * 3 if isinstance(value, (int, np.integer)) else list(value)
+    if len(values) != 3 or not all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in values
+    ):
+        raise ValueError(f"size_divisor must be a positive int or 3 of them, got {value!r}")
+    return tuple(int(v) for v in values)
 
 
 def _model_input_shape(model: Any) -> tuple | None:
@@ -184,7 +344,10 @@ def predict_volume(
     batch_size: int = 2,
     blend: Literal["gaussian", "constant"] = "gaussian",
     margin: int = 0,
-) -> np.ndarray:
+    size_divisor: int | Sequence[int] | None = None,
+    tta: Any = None,
+    uncertainty: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Run a model over one ``(x, y, z, c)`` volume, in sliding windows if needed.
 
     Args:
@@ -192,7 +355,9 @@ def predict_volume(
             callable mapping a ``(b, x, y, z, c)`` batch to ``(b, x, y, z, k)``.
         array: the volume, channels last.
         patch_size: window size ``(x, y, z)``. Default: the model's fixed input
-            size when it has one, else the whole volume in one pass.
+            size when it has one, else the whole volume in one pass, zero
+            padded (at the end of each axis) to a multiple of ``size_divisor``,
+            the result cropped back. An explicit size must be such a multiple.
         overlap: fraction of a window shared with its neighbour, in ``[0, 1)``.
         batch_size: windows per model call.
         blend: how overlapping windows are averaged: ``"gaussian"`` weights
@@ -203,9 +368,21 @@ def predict_volume(
             least its receptive-field radius, the sliding-window result equals
             the whole-volume result. The overlap must leave ``2 * margin``
             voxels shared between neighbouring windows.
+        size_divisor: the multiple the model's input sizes must be (an int or
+            one per axis). Default: what :func:`size_divisor` finds (a
+            ``unet3d``: ``2**levels``), else 1.
+        tta: test-time augmentation: ``None``, ``"flips"`` (all 8
+            combinations of flips of the spatial axes) or a list of flips
+            such as ``[(0,), (1,), (0, 1)]`` (see :func:`tta_flips`). Each
+            window's prediction is the mean of ``flip^-1(model(flip(w)))``
+            over the flips, all of which go to the model in one call: a call
+            holds ``batch_size * len(flips)`` windows.
+        uncertainty: also return the variance over the flips (needs ``tta``);
+            overlapping windows blend it as they blend the mean.
 
     Returns:
-        ``(x, y, z, k)`` float32 predictions for every voxel.
+        ``(x, y, z, k)`` float32 predictions for every voxel; with
+        ``uncertainty``, ``(prediction, variance)``, both ``(x, y, z, k)``.
     """
     array = np.asarray(array, dtype=np.float32)
     if array.ndim != 4:
@@ -217,6 +394,11 @@ def predict_volume(
     if blend not in ("gaussian", "constant"):
         raise ValueError(f"blend must be 'gaussian' or 'constant', got {blend!r}")
     run = _predict_fn(model)
+    flips = tta_flips(tta)
+    if uncertainty and tta is None:
+        raise ValueError("uncertainty needs tta: it is the variance over the augmented predictions")
+    if tta is not None:
+        run = _flip_averaged(run, flips, uncertainty)
     input_shape = _model_input_shape(model)
     if input_shape is not None and len(input_shape) == 5:
         channels = input_shape[-1]
@@ -229,11 +411,17 @@ def predict_volume(
     if isinstance(margin, bool) or not isinstance(margin, int) or margin < 0:
         raise ValueError(f"margin must be a non-negative int, got {margin!r}")
     spatial = array.shape[:3]
+    divisor = _divisor_argument(size_divisor, model)
     if patch_size is None:
-        patch_size = spatial
+        patch_size = tuple(-(-s // d) * d for s, d in zip(spatial, divisor, strict=True))
     patch = tuple(int(p) for p in patch_size)
     if len(patch) != 3 or min(patch) < 1:
         raise ValueError(f"patch_size must be three positive ints, got {patch_size!r}")
+    if any(p % d for p, d in zip(patch, divisor, strict=True)):
+        raise ValueError(
+            f"patch_size {patch} is not a multiple of the model's size divisor {divisor}: "
+            "pass a patch_size of multiples, or leave it unset (the scan is then padded)"
+        )
 
     # pad a volume smaller than the window, predict, crop back
     pad = [(0, max(0, p - s)) for p, s in zip(patch, spatial, strict=True)]
@@ -280,7 +468,11 @@ def predict_volume(
             total[window] += pred * w
             norm[window] += w
     result = total / norm
-    return result[: spatial[0], : spatial[1], : spatial[2]]
+    result = result[: spatial[0], : spatial[1], : spatial[2]]
+    if uncertainty:
+        k = result.shape[-1] // 2
+        return result[..., :k], result[..., k:]
+    return result
 
 
 def _to_labels(prediction: np.ndarray, threshold: float) -> np.ndarray:
@@ -290,6 +482,50 @@ def _to_labels(prediction: np.ndarray, threshold: float) -> np.ndarray:
         labels = np.argmax(prediction, axis=-1)
     labels = labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.int32)
     return labels
+
+
+def _output_header(header: Any, result: np.ndarray, output: str, classes: int) -> Any:
+    """The source header, fitted to a label or probability map made from it.
+
+    Geometry (affine, sform / qform and their codes, voxel sizes, the spatial
+    unit) stays the source's. What described the source's values or its time
+    axis does not carry over: the display range (``cal_min`` / ``cal_max``)
+    becomes the output's (labels ``0 .. K-1``, probabilities ``0 .. 1``), the
+    intent says what the values are (``label``; ``estimate`` named
+    ``probabilities``), ``descrip`` says what made the file, there is no
+    scaling, and a 4th axis (classes, not time) has no time unit, step, offset
+    or slice timing.
+    """
+    import nibabel as nib
+
+    if not isinstance(header, nib.Nifti1Header):  # a volume made in memory: nothing to fit
+        return header
+    from keras_nii import __version__
+
+    header = header.copy()
+    header.set_data_dtype(result.dtype)
+    header.set_slope_inter(np.nan, np.nan)
+    spatial_unit = header.get_xyzt_units()[0]
+    header.set_xyzt_units(xyz=spatial_unit, t="unknown")
+    header["pixdim"][4:] = 1.0
+    header["toffset"] = 0.0
+    header["slice_code"] = 0
+    header["slice_start"] = 0
+    header["slice_end"] = 0
+    header["slice_duration"] = 0.0
+    if output == "labels":
+        header.set_intent("label", (), name="labels")
+        low, high = 0.0, float(max(classes, 2) - 1)
+        what = f"labels 0..{int(high)}"
+    else:
+        header.set_intent("estimate", (), name="probabilities")
+        finite = result[np.isfinite(result)]
+        low = min(0.0, float(finite.min())) if finite.size else 0.0
+        high = max(1.0, float(finite.max())) if finite.size else 1.0
+        what = f"probabilities of {classes} class(es)" if classes > 1 else "probabilities"
+    header["cal_min"], header["cal_max"] = low, high
+    header["descrip"] = f"keras-nii {__version__} predict_nifti: {what}".encode()[:79]
+    return header
 
 
 def _check_output_path(out_path: str, inputs: Sequence[str]) -> None:
@@ -307,8 +543,10 @@ def _check_output_path(out_path: str, inputs: Sequence[str]) -> None:
             raise ValueError(f"refusing to write {out_path}: it is an input scan")
 
 
-def _load_inputs(paths: Sequence[str], canonical: bool) -> tuple[Volume, np.ndarray]:
-    volumes = [load_nifti(p, canonical=canonical) for p in paths]
+def _load_inputs(
+    paths: Sequence[str], canonical: bool, spacing: Any = None
+) -> tuple[Volume, np.ndarray]:
+    volumes = [load_nifti(p, canonical=canonical, spacing=spacing) for p in paths]
     first = volumes[0]
     for other in volumes[1:]:
         if other.shape[:3] != first.shape[:3] or not np.allclose(
@@ -335,6 +573,10 @@ def predict_nifti(
     blend: Literal["gaussian", "constant"] = "gaussian",
     margin: int = 0,
     canonical: bool = True,
+    size_divisor: int | Sequence[int] | None = None,
+    spacing: Sequence[float | None] | float | None = None,
+    tta: Any = None,
+    uncertainty_path: str | os.PathLike | None = None,
 ) -> Path:
     """Predict on a NIfTI scan and write the result in the scan's own space.
 
@@ -346,7 +588,8 @@ def predict_nifti(
         out_path: the NIfTI file to write (``.nii`` or ``.nii.gz``). Writing
             over an input scan is refused.
         patch_size: sliding-window size; default the model's fixed input size,
-            or the whole volume for a fully convolutional model.
+            or, for a fully convolutional model, the whole volume padded to a
+            multiple of ``size_divisor`` (any scan size works).
         overlap: fraction of overlap between neighbouring windows.
         batch_size: windows per model call.
         output: ``"labels"`` writes integer labels: the argmax over channels
@@ -359,6 +602,24 @@ def predict_nifti(
         margin: voxels discarded at inner window faces (see :func:`predict_volume`).
         canonical: read the scan as the model was trained (RAS+ by default,
             as ``NiftiDataset``).
+        size_divisor: the multiple that the model's input sizes must be;
+            default: found from the model (see :func:`size_divisor`), else 1.
+        spacing: the voxel spacing the model was trained at, ``(sx, sy, sz)``
+            in mm (``None`` entries keep an axis): the scan is resampled to it
+            (``load_nifti(..., spacing=...)``), predicted there, and the
+            model's output -- probabilities or logits, never labels -- is
+            resampled linearly back onto the scan's own grid before the
+            argmax or threshold. ``None``: the scan's own grid throughout.
+        tta: test-time augmentation: ``"flips"`` averages the predictions of
+            all 8 combinations of flips of the three axes, each flipped back;
+            or a list of flips such as ``[(0,), (1,), (0, 1)]`` (the unflipped
+            prediction is always included). The flipped copies of a window
+            go to the model in one call (``batch_size`` windows, each with
+            all its flips). See :func:`tta_flips`.
+        uncertainty_path: with ``tta``, a second NIfTI file to write: the
+            voxel-wise variance of the model's output across the augmented
+            predictions (float32, one channel per output channel, a 4D file
+            when there are several), on the same grid as ``out_path``.
 
     Returns:
         The path written.
@@ -379,9 +640,19 @@ def predict_nifti(
     if output not in ("labels", "probabilities"):
         raise ValueError(f"output must be 'labels' or 'probabilities', got {output!r}")
     _check_output_path(out_path, paths)
+    flips = tta_flips(tta)
+    if uncertainty_path is not None:
+        uncertainty_path = os.fspath(uncertainty_path)
+        if tta is None:
+            raise ValueError(
+                "uncertainty_path needs tta=: it is the variance over the augmented predictions"
+            )
+        _check_output_path(uncertainty_path, paths)
+        if os.path.abspath(uncertainty_path) == os.path.abspath(out_path):
+            raise ValueError(f"uncertainty_path and out_path are the same file: {out_path}")
     if isinstance(model, (str, os.PathLike)):
         model = load_model(model)
-    volume, array = _load_inputs(paths, canonical)
+    volume, array = _load_inputs(paths, canonical, spacing)
     prediction = predict_volume(
         model,
         array,
@@ -390,6 +661,37 @@ def predict_nifti(
         batch_size=batch_size,
         blend=blend,
         margin=margin,
+        size_divisor=size_divisor,
+        tta=None if tta is None else flips,
+        uncertainty=uncertainty_path is not None,
     )
+    variance = None
+    if uncertainty_path is not None:
+        prediction, variance = prediction
+    if volume.resampling is not None:
+        # the probabilities go back to the scan's grid, then become labels
+        how = volume.resampling
+        prediction = how.invert(prediction, "linear")
+        if variance is not None:
+            variance = how.invert(variance, "linear")
+        volume = dataclasses.replace(
+            volume, array=prediction, affine=how.source_affine, resampling=None
+        )
     result = _to_labels(prediction, threshold) if output == "labels" else prediction
-    return save_nifti(result, out_path, like=volume)
+    classes = max(2, prediction.shape[-1]) if output == "labels" else prediction.shape[-1]
+    header = _output_header(volume.header, np.asarray(result), output, classes)
+    written = save_nifti(result, out_path, like=dataclasses.replace(volume, header=header))
+    if variance is not None:
+        variance = variance.astype(np.float32)
+        header = _output_header(volume.header, variance, "probabilities", variance.shape[-1])
+        if header is not None:
+            header.set_intent("estimate", (), name="variance")
+            header["cal_min"], header["cal_max"] = 0.0, float(max(variance.max(), 0.0))
+            header["descrip"] = b"keras-nii predict_nifti: variance across test-time flips"
+        save_nifti(
+            variance,
+            uncertainty_path,
+            like=dataclasses.replace(volume, header=header),
+            dtype="float32",
+        )
+    return written

@@ -18,13 +18,93 @@ import keras
 import numpy as np
 from keras import ops
 
-__all__ = ["unet3d", "dice_score", "DiceLoss"]
+__all__ = ["unet3d", "dice_score", "DiceLoss", "SizeDivisor"]
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
+
+
+@keras.saving.register_keras_serializable(package="keras_nii")
+class SizeDivisor(keras.layers.Layer):
+    """Passes its input through; records that spatial sizes must be multiples of ``divisor``.
+
+    :func:`unet3d` puts one after its input, so that the model can say what
+    input sizes it takes, also once saved (``.keras``) or exported
+    (SavedModel): the divisor is the layer's config and a non-trainable
+    ``int32`` weight named ``size_divisor``, which an exported model keeps
+    among its variables. :func:`keras_nii.inference.size_divisor` reads it,
+    and :func:`keras_nii.predict_nifti` pads a scan to it and crops the
+    prediction back.
+
+    When the spatial sizes are known as the layer is called (eagerly, under
+    JAX's tracing, or when TensorFlow traces a step for a given batch shape),
+    a size that is not a multiple raises ``ValueError`` saying what to set,
+    instead of a shape error deep in the network.
+
+    Args:
+        divisor: an int, or one per spatial axis ``(x, y, z)``.
+        data_format: ``"channels_last"`` (default) or ``"channels_first"``.
+    """
+
+    def __init__(
+        self,
+        divisor: int | Sequence[int] = 1,
+        data_format: str = "channels_last",
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        values = [divisor] * 3 if isinstance(divisor, (int, np.integer)) else list(divisor)
+        if len(values) != 3:
+            raise ValueError(f"divisor must be an int or 3 ints, got {divisor!r}")
+        self.divisor = tuple(_check_int("divisor", v, 1) for v in values)
+        if data_format not in ("channels_last", "channels_first"):
+            raise ValueError(
+                f"data_format must be 'channels_last' or 'channels_first', got {data_format!r}"
+            )
+        self.data_format = data_format
+        self.size_divisor = self.add_weight(
+            name="size_divisor",
+            shape=(3,),
+            dtype="int32",
+            initializer=keras.initializers.Constant(list(self.divisor)),
+            trainable=False,
+        )
+        self.supports_masking = True
+
+    def _check(self, shape: Sequence[Any]) -> None:
+        if len(shape) != 5:
+            return
+        spatial = shape[1:4] if self.data_format == "channels_last" else shape[2:5]
+        bad = [
+            (axis, int(s), d)
+            for axis, (s, d) in enumerate(zip(spatial, self.divisor, strict=True))
+            if isinstance(s, (int, np.integer)) and s % d
+        ]
+        if bad:
+            sizes = " x ".join(str(s) for s in spatial)
+            need = " x ".join(str(d) for d in self.divisor)
+            raise ValueError(
+                f"{self.name}: input of {sizes} voxels, but this model takes spatial sizes that "
+                f"are multiples of {need} (axis "
+                + ", axis ".join(f"{a} has {s}" for a, s, _ in bad)
+                + "); pad the volumes: NiftiDataset(..., pad_to_multiple="
+                f"{max(self.divisor)}) or shape= a multiple, for training and validation; "
+                "predict_nifti pads by itself"
+            )
+
+    def call(self, inputs: Any) -> Any:
+        self._check(tuple(inputs.shape))
+        return inputs
+
+    def compute_output_shape(self, input_shape: Sequence[Any]) -> tuple:
+        self._check(tuple(input_shape))
+        return tuple(input_shape)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "divisor": self.divisor, "data_format": self.data_format}
 
 
 def _conv_block(x: Any, filters: int, batch_norm: bool, name: str) -> Any:
@@ -70,9 +150,12 @@ def unet3d(
     Spatial sizes must be divisible by ``2**levels`` (4 with the default
     ``levels=2``), so that upsampled features line up with their skip
     connections. A static size that is not raises ``ValueError`` here; with
-    ``None`` sizes (any input size, the default) it is the caller's job: crop
-    or pad (``NiftiDataset(shape=...)``, ``CenterCropOrPad3D``), or predict in
-    windows of a divisible size (``predict_nifti(..., patch_size=...)``).
+    ``None`` sizes (any input size, the default) the model records the
+    divisor (a :class:`SizeDivisor` layer after the input and normalization,
+    kept by ``save`` and ``export``): :func:`keras_nii.predict_nifti` pads any
+    scan to it and crops the result back, and a volume of another size given
+    to ``fit`` or ``evaluate`` raises a ``ValueError`` that says to pad
+    (``NiftiDataset(..., pad_to_multiple=4)``, ``shape=``, ``CenterCropOrPad3D``).
     For the same reason, ``model.export`` under the JAX backend must be told
     that the sizes are multiples of ``2**levels``, e.g. for ``levels=2`` and
     one channel: ``model.export(path, jax2tf_kwargs={"polymorphic_shapes":
@@ -137,6 +220,7 @@ def unet3d(
 
     inputs = keras.Input(shape=shape, name="image")
     x = normalization(inputs) if normalization is not None else inputs
+    x = SizeDivisor(factor, name="size_divisor")(x)
     skips = []
     for level in range(levels):
         x = _conv_block(x, filters * 2**level, batch_norm, f"enc{level}")

@@ -14,6 +14,9 @@ import sys
 import pytest
 
 from keras_nii import bench
+from keras_nii.bench import affine as bench_affine
+from keras_nii.bench import core
+from keras_nii.bench import read as bench_read
 
 TINY = ["--size", "16", "--batch", "1", "--repeats", "2"]
 PEERS = ("torch", "monai", "monai.data", "monai.transforms", "torchio", "SimpleITK")
@@ -108,7 +111,9 @@ def test_rows_and_columns(tiny_run: dict) -> None:
         else:
             assert row["ms_per_volume"] is None and row["ratio"] is None
     read_rows = [r for r in rows if r["operation"] == "read"]
-    assert all(r["status"] == "ok" and r["volumes_per_call"] == bench.READ_FILES for r in read_rows)
+    assert all(
+        r["status"] == "ok" and r["volumes_per_call"] == bench_read.READ_FILES for r in read_rows
+    )
     numpy_rows = [r for r in rows if r["library"] == "NumPy"]
     assert numpy_rows and all(r["status"] == "ok" for r in numpy_rows)
 
@@ -198,13 +203,13 @@ def test_other_backend_reruns_in_a_subprocess(monkeypatch: pytest.MonkeyPatch) -
         calls.append((command, env))
         return 7
 
-    monkeypatch.delenv(bench._CHILD_ENV, raising=False)
-    monkeypatch.setattr(bench.subprocess, "call", fake_call)
+    monkeypatch.delenv(core.CHILD_ENV, raising=False)
+    monkeypatch.setattr(core.subprocess, "call", fake_call)
     argv = ["--backend", other, *TINY, "--only", "zscore"]
     assert bench.main(argv) == 7
     ((command, env),) = calls
     assert command == [sys.executable, "-m", "keras_nii.bench", *argv]
-    assert env["KERAS_BACKEND"] == other and env[bench._CHILD_ENV] == "1"
+    assert env["KERAS_BACKEND"] == other and env[core.CHILD_ENV] == "1"
 
 
 def test_check_targets_and_table_format() -> None:
@@ -234,7 +239,7 @@ def test_check_targets_and_table_format() -> None:
         row("read", "no cache", "nibabel", 10.0),
         row("read", "memory cache", "keras-nii", 1.0),
     ]
-    bench._fill_ratios(rows)
+    core.fill_ratios(rows)
     assert rows[1]["ratio"] == pytest.approx(3.0) and rows[2]["ratio"] is None
     targets = {t["target"]: t for t in bench.check_targets(rows)}
     assert targets["affine image+mask vs fastest peer"]["met"] is True
@@ -250,7 +255,7 @@ def test_check_targets_and_table_format() -> None:
 
 
 def test_a_failing_implementation_is_an_error_row() -> None:
-    ctx = bench._Context(16, 1, 1, log=lambda line: None)
+    ctx = core.Context(16, 1, 1, log=lambda line: None)
 
     def broken():
         raise RuntimeError("boom")
@@ -274,7 +279,7 @@ def test_jax_runner_draws_anew_every_call() -> None:
 
     layer = RandomGaussianNoise(std=1.0, seed=0)
     x = keras.ops.zeros((1, 4, 4, 4, 1))
-    runner = bench._JaxRunner(lambda v: layer(v, training=True), [layer], x)
+    runner = core.JaxRunner(lambda v: layer(v, training=True), [layer], x)
     first, second = np.asarray(runner()), np.asarray(runner())
     assert not np.allclose(first, second)
 
@@ -312,7 +317,7 @@ def _assert_rotations_times_scales(linear) -> None:
     import numpy as np
 
     scales = np.linalg.norm(linear, axis=1)  # column norms: R @ diag(s) has |column j| = s_j
-    low, high = bench.AFFINE_SCALES
+    low, high = bench_affine.AFFINE_SCALES
     assert scales.min() >= low - 1e-6 and scales.max() <= high + 1e-6
     assert scales.max() - scales.min() > 0.1  # drawn, not constant
     rotations = linear / scales[:, None, :]
@@ -321,7 +326,7 @@ def _assert_rotations_times_scales(linear) -> None:
     np.testing.assert_allclose(np.linalg.det(rotations), 1.0, atol=1e-6)
     # the angle of each rotation is at most the composition of three of 30 degrees
     angles = np.degrees(np.arccos(np.clip((np.trace(rotations, axis1=1, axis2=2) - 1) / 2, -1, 1)))
-    assert angles.max() <= 3 * bench.AFFINE_DEGREES and angles.mean() > 5.0
+    assert angles.max() <= 3 * bench_affine.AFFINE_DEGREES and angles.mean() > 5.0
 
 
 def test_torch_thetas_are_rotations_times_scales() -> None:
@@ -329,11 +334,11 @@ def test_torch_thetas_are_rotations_times_scales() -> None:
     import numpy as np
 
     generator = torch.Generator().manual_seed(0)
-    theta = bench._torch_thetas(torch, 64, "cpu", generator).double().numpy()
+    theta = bench_affine._torch_thetas(torch, 64, "cpu", generator).double().numpy()
     assert theta.shape == (64, 3, 4)
     np.testing.assert_array_equal(theta[:, :, 3], 0.0)  # about the centre
     _assert_rotations_times_scales(theta[:, :, :3])
-    second = bench._torch_thetas(torch, 64, "cpu", generator).numpy()
+    second = bench_affine._torch_thetas(torch, 64, "cpu", generator).numpy()
     assert not np.allclose(second, theta)  # every call draws anew
 
 
@@ -342,18 +347,18 @@ def test_jax_peer_draws_rotations_times_scales() -> None:
     import numpy as np
 
     keys = jax.random.split(jax.random.PRNGKey(0), 64)
-    linear = np.asarray(jax.vmap(lambda key: bench._jax_random_linear(jax, key))(keys))
+    linear = np.asarray(jax.vmap(lambda key: bench_affine._jax_random_linear(jax, key))(keys))
     _assert_rotations_times_scales(linear.astype(np.float64))
 
 
 def test_jax_affine_peer_rows() -> None:
     pytest.importorskip("jax")
-    ctx = bench._Context(16, 2, 1, log=lambda line: None)
+    ctx = core.Context(16, 2, 1, log=lambda line: None)
     with pytest.MonkeyPatch.context() as mp:
         for name in ("torch", "monai", "monai.data", "monai.transforms", "torchio", "kornia"):
             mp.setitem(sys.modules, name, None)
         mp.setitem(sys.modules, "kornia.augmentation", None)
-        bench._bench_affine(ctx)
+        bench_affine.bench_affine(ctx)
     rows = {(r["variant"], r["library"]): r for r in ctx.rows}
     for variant in ("image+mask", "image"):
         row = rows[(variant, "JAX")]
@@ -395,7 +400,9 @@ def test_kornia_mask_replays_the_image_draw() -> None:
     ball = (np.sqrt((grid**2).sum(0)) < 8).astype(np.float32)
     box = ((np.abs(grid) < 5).all(0) & (grid[0] > -2)).astype(np.float32)
     volume = torch.from_numpy(np.stack([ball, box]))[:, None]  # (2, 1, 24, 24, 24)
-    options = dict(degrees=bench.AFFINE_DEGREES, scale=(bench.AFFINE_SCALES,) * 3, p=1.0)
+    options = dict(
+        degrees=bench_affine.AFFINE_DEGREES, scale=(bench_affine.AFFINE_SCALES,) * 3, p=1.0
+    )
     image_tfm = augmentation.RandomAffine3D(resample="bilinear", **options)
     mask_tfm = augmentation.RandomAffine3D(resample="nearest", **options)
     params = image_tfm.forward_parameters(volume.shape)

@@ -189,22 +189,50 @@ def test_predict_errors_are_one_line(capsys, tmp_path, tiny_model, lps_scan):
     assert not (tmp_path / "o.nii.gz").exists()
 
 
+def test_predict_pads_any_scan_size_for_the_model(capsys, tmp_path, tiny_model):
+    # the unet3d (levels=1) takes multiples of 2; a 9 x 7 x 5 scan is padded and cropped back
+    model_path, model = tiny_model
+    rng = np.random.default_rng(0)
+    image = rng.uniform(1, 100, (9, 7, 5)).astype(np.float32)
+    odd = tmp_path / "odd.nii"
+    save_nifti(image, odd)
+    code, _, err = _run(
+        capsys, "predict", model_path, odd, tmp_path / "o.nii", "--output", "probabilities"
+    )
+    assert code == 0, err
+    written = nib.load(tmp_path / "o.nii")
+    assert written.shape == (9, 7, 5)
+    # reference: the model on the zero-padded 10 x 8 x 6 volume, cropped by hand
+    padded = np.zeros((1, 10, 8, 6, 1), np.float32)
+    padded[0, :9, :7, :5, 0] = load_nifti(odd).array[..., 0]
+    expected = np.asarray(model.predict_on_batch(padded))[0, :9, :7, :5, 0]
+    ras = load_nifti(tmp_path / "o.nii").array[..., 0]
+    np.testing.assert_allclose(ras, expected, atol=1e-5)
+
+
 def test_predict_model_failure_is_one_line(capsys, tmp_path, tiny_model):
     model_path, _ = tiny_model
     odd = tmp_path / "odd.nii"
     save_nifti(np.ones((9, 8, 8), np.float32), odd)
-    code, _, err = _run(capsys, "predict", model_path, odd, tmp_path / "o.nii")
+    # a divisor of 1 forced on a model that needs 2: the model fails, in one line
+    code, _, err = _run(
+        capsys, "predict", model_path, odd, tmp_path / "o.nii", "--size-divisor", "1"
+    )
     assert code == 1
     assert "Traceback" not in err
     (line,) = _error_lines(err)
     assert line.startswith("keras-nii: error: the model failed on windows of 9 x 8 x 8 voxels")
-    assert line.endswith("pass --patch-size with such sizes")
+    assert line.endswith("pass --size-divisor N")
+    assert "multiples of 2" in line  # the model's own SizeDivisor message
     # ... and the suggested fix works
-    code, _, err = _run(
-        capsys, "predict", model_path, odd, tmp_path / "o.nii", "--patch-size", 8, 8, 8
-    )
+    code, _, err = _run(capsys, "predict", model_path, odd, tmp_path / "o.nii", "--size-divisor", 2)
     assert code == 0, err
     assert nib.load(tmp_path / "o.nii").shape == (9, 8, 8)
+    # so does an explicit window of multiples
+    code, _, err = _run(
+        capsys, "predict", model_path, odd, tmp_path / "p.nii", "--patch-size", 8, 8, 8
+    )
+    assert code == 0, err
 
 
 # --------------------------------------------------------------------------- help, version, bench
@@ -279,6 +307,9 @@ def test_demo_tiny_end_to_end(capsys, tmp_path):
     assert (out_dir / "exported" / "saved_model.pb").is_file()
     assert len(list((out_dir / "data" / "images").glob("case_*.nii.gz"))) == 4
     assert "val_dice" in out
+    # the silent first epoch is announced, before Keras's first progress line
+    assert "compiling the training step" in out
+    assert out.index("compiling the training step") < out.index("loss:")
     assert "held-out Dice:" in out
     assert "an empty prediction scores 0.000, all-foreground" in out
     for path in ("model.keras", "exported", "prediction.nii.gz", "slices.png"):

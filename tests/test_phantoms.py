@@ -281,8 +281,8 @@ def test_bad_dataset_arguments(tmp_path):
 
 
 def test_phantoms_code_needs_only_numpy_and_nibabel():
-    # `import keras_nii` imports Keras on purpose (it registers the layers for
-    # .keras files), so check the module's own imports rather than sys.modules
+    # other tests of this process import Keras, so check the module's own imports
+    # rather than sys.modules (tests/test_lazy_import.py checks a fresh process)
     import ast
 
     import keras_nii.phantoms as phantoms

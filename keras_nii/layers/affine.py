@@ -33,6 +33,13 @@ Conventions (all in voxel index space, NIfTI voxel axes 0, 1, 2 = x, y, z):
   (``x0' = x0 + tan(s01) x1 + tan(s02) x2``, ``x1' = x1 + tan(s12) x2``).
   With the rotation and the per-axis scales, this upper-triangular form
   reaches every orientation-preserving linear map (a QR decomposition).
+
+Physical units: with ``spacing=(sx, sy, sz)`` (mm per voxel along axes 0, 1,
+2) the same forward map is drawn in millimetres about the same centre, so
+rotations and shears are true angles on an anisotropic grid and ``t`` is in
+mm. In index space, with ``D = diag(spacing)``, the linear part becomes
+``D^-1 @ A @ D`` and the translation ``D^-1 @ t``; the zoom, diagonal,
+commutes with ``D`` and is unchanged.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 from keras import ops
 
 from keras_nii.layers.base import (
@@ -50,6 +58,7 @@ from keras_nii.layers.base import (
     check_number,
     check_per_axis_range,
     check_probability,
+    check_spacing,
     register,
 )
 from keras_nii.ops.compose import CoordinateMap
@@ -123,14 +132,28 @@ def inverse_shear_matrix(shears: Any) -> Any:
 
 
 def inverse_affine_matrices(
-    angles: Any, scales: Any, shears: Any, translations: Any, spatial_shape: Sequence[Any]
+    angles: Any,
+    scales: Any,
+    shears: Any,
+    translations: Any,
+    spatial_shape: Sequence[Any],
+    spacing: Sequence[float] | None = None,
 ) -> Any:
     """The resampler's ``(batch, 3, 4)`` output -> input matrices of the forward map
     ``y = c + Rz Ry Rx Z S (x - c) + t`` (angles and shears in radians, scales as
-    factors, translations in voxels, all ``(batch, 3)``)."""
+    factors, translations in voxels, all ``(batch, 3)``).
+
+    With ``spacing`` (mm per voxel, three numbers) the map is one in
+    millimetres (translations in mm): the index-space matrices are
+    ``D^-1 A^-1 D`` with ``D = diag(spacing)`` (see the module docstring)."""
     rotation_t = ops.transpose(rotation_matrix(angles), (0, 2, 1))
     # A^-1 = S^-1 @ Z^-1 @ R^T; Z^-1 @ R^T scales the rows of R^T
     linear = ops.matmul(inverse_shear_matrix(shears), rotation_t / scales[:, :, None])
+    if spacing is not None:
+        # D^-1 L D: entry (i, j) times spacing[j] / spacing[i]; mm -> voxels
+        size = ops.convert_to_tensor(np.asarray(spacing, dtype="float32"))
+        linear = linear * (size[None, None, :] / size[None, :, None])
+        translations = translations / size[None, :]
     matrices = centered(linear, spatial_shape)  # x = c + A^-1 (y - c)
     offset = matrices[:, :, 3] - ops.einsum("bij,bj->bi", linear, translations)
     return ops.concatenate([matrices[:, :, :3], offset[:, :, None]], axis=-1)
@@ -155,9 +178,22 @@ class RandomAffine3D(VolumeLayer):
     the same ``fill_mode`` and background 0 where ``fill_mode="constant"``;
     they keep their dtype.
 
-    All parameters are in voxel units: the layer does not know the voxel
-    spacing, so on anisotropic volumes a rotation is a rotation of the voxel
-    grid, and ``translation`` is in voxels, not millimetres.
+    Without ``spacing`` every parameter is in voxel units: on an anisotropic
+    grid a rotation is then a rotation of the voxel grid (a 30 degree turn
+    in a plane of 1 mm x 3 mm voxels is not 30 degrees in the body) and
+    ``translation`` is in voxels. With ``spacing=(sx, sy, sz)``, the voxel
+    size of the volumes the layer gets (e.g. the plan's ``target_spacing``),
+    rotations and shears are physical angles and ``translation`` is in mm
+    (``D^-1 A D`` in index space, ``D = diag(spacing)``).
+
+    For strongly anisotropic data (the thick axis over 3x the thin ones),
+    keep the transform in the slice plane, as nnU-Net's "dummy 2D"
+    augmentation does: with thick slices along axis 2, rotate about axis 2
+    only (``degrees=(0, 0, 180)``), shear in the plane (0, 1) only
+    (``shear=(5, 0, 0)``), do not zoom or shift along axis 2
+    (``scales=(0.15, 0.15, 0), isotropic=False``, ``translation=(t, t, 0)``):
+    every output voxel then samples its own slice, and nothing is
+    interpolated across the thick axis.
 
     Args:
         degrees: rotation angles in degrees about axes 0, 1 and 2 (right
@@ -168,8 +204,9 @@ class RandomAffine3D(VolumeLayer):
         scales: zoom factors; above 1 the content gets bigger. A number
             ``s`` means ``(1 - s, 1 + s)``; a pair ``(low, high)`` of factors
             (> 0); or three numbers or pairs, one per axis. Default 0: no zoom.
-        translation: shift in voxels along each axis (positive: towards higher
-            indices). A number ``t`` means ``(-t, t)``; a pair; or per axis.
+        translation: shift along each axis, in voxels (in mm with
+            ``spacing``; positive: towards higher indices). A number ``t``
+            means ``(-t, t)``; a pair; or per axis.
         shear: shear angles in degrees, for the planes (0, 1), (0, 2) and
             (1, 2) (``x0 += tan(s01) x1 + tan(s02) x2``, ``x1 += tan(s12) x2``).
             A number ``d`` means ``(-d, d)`` for the three; a pair; or three
@@ -184,6 +221,9 @@ class RandomAffine3D(VolumeLayer):
             axes (``scales`` must then be one range).
         probability: the probability that a sample is transformed at all, in
             ``[0, 1]``; the others are returned unchanged.
+        spacing: ``None`` (default: voxel units) or the voxel size in mm
+            ``(sx, sy, sz)`` of the volumes: rotation and shear angles are
+            then physical and ``translation`` is in mm.
         data_format: ``"channels_last"`` (default) or ``"channels_first"``.
         seed: an int seed for the layer's random stream, or ``None``.
         **kwargs: base layer keyword arguments (``name``, ``dtype``...).
@@ -219,6 +259,7 @@ class RandomAffine3D(VolumeLayer):
         "fill_value",
         "isotropic",
         "probability",
+        "spacing",
     )
 
     def __init__(
@@ -232,6 +273,7 @@ class RandomAffine3D(VolumeLayer):
         fill_value: float = 0.0,
         isotropic: bool = False,
         probability: float = 1.0,
+        spacing: Sequence[float] | None = None,
         data_format: str | None = None,
         seed: int | None = None,
         **kwargs: Any,
@@ -251,6 +293,7 @@ class RandomAffine3D(VolumeLayer):
                 f"range, got {scales!r}"
             )
         self.probability = check_probability("probability", probability)
+        self.spacing = check_spacing("spacing", spacing)
 
     def _draw(self, batch_size: Any, ranges: Ranges, one: bool = False) -> Any:
         """``(batch, 3)`` uniform draws in per-axis ranges (one for all if ``one``)."""
@@ -278,7 +321,9 @@ class RandomAffine3D(VolumeLayer):
         scales = ops.where(apply, scales, 1.0)
         translations = ops.where(apply, translations, 0.0)
         shears = ops.where(apply, shears, 0.0)
-        matrices = inverse_affine_matrices(angles, scales, shears, translations, spatial_shape)
+        matrices = inverse_affine_matrices(
+            angles, scales, shears, translations, spatial_shape, spacing=self.spacing
+        )
         return {
             "matrices": matrices,
             "coordinates": affine_coordinates(matrices, spatial_shape),
@@ -320,6 +365,8 @@ class RandomAffine3D(VolumeLayer):
         value = getattr(self, name)
         if name in ("degrees", "scales", "translation", "shear"):
             return _as_list(value)
+        if name == "spacing":
+            return None if value is None else list(value)
         return value
 
     def get_config(self) -> dict:
@@ -334,8 +381,9 @@ class RandomRotation3D(RandomAffine3D):
 
     :class:`RandomAffine3D` with rotation only: each sample gets its own
     angles about axes 0, 1 and 2, composed as ``Rz @ Ry @ Rx`` (about axis 0
-    first), right handed in voxel index space (a positive angle about axis 2
-    turns axis 0 towards axis 1). One resampling pass; masks follow with
+    first), right handed (a positive angle about axis 2 turns axis 0
+    towards axis 1), in voxel index space or, with ``spacing``, in mm. One
+    resampling pass; masks follow with
     nearest-neighbour sampling and keep their dtype.
 
     Args:
@@ -350,6 +398,8 @@ class RandomRotation3D(RandomAffine3D):
         fill_value: the image value for ``fill_mode="constant"`` (masks get 0).
         probability: the probability that a sample is transformed, in
             ``[0, 1]``.
+        spacing: ``None`` (voxel units) or the voxel size in mm ``(sx, sy,
+            sz)``: the angles are then physical angles, on any grid.
         data_format: ``"channels_last"`` (default) or ``"channels_first"``.
         seed: an int seed for the layer's random stream, or ``None``.
         **kwargs: base layer keyword arguments (``name``, ``dtype``...).
@@ -370,7 +420,7 @@ class RandomRotation3D(RandomAffine3D):
     ```
     """
 
-    _ARGUMENTS = ("degrees", "interpolation", "fill_mode", "fill_value", "probability")
+    _ARGUMENTS = ("degrees", "interpolation", "fill_mode", "fill_value", "probability", "spacing")
 
     def __init__(
         self,
@@ -379,6 +429,7 @@ class RandomRotation3D(RandomAffine3D):
         fill_mode: str = "constant",
         fill_value: float = 0.0,
         probability: float = 1.0,
+        spacing: Sequence[float] | None = None,
         data_format: str | None = None,
         seed: int | None = None,
         **kwargs: Any,
@@ -389,6 +440,7 @@ class RandomRotation3D(RandomAffine3D):
             fill_mode=fill_mode,
             fill_value=fill_value,
             probability=probability,
+            spacing=spacing,
             data_format=data_format,
             seed=seed,
             **kwargs,
@@ -417,6 +469,9 @@ class RandomZoom3D(RandomAffine3D):
         fill_value: the image value for ``fill_mode="constant"`` (masks get 0).
         probability: the probability that a sample is transformed, in
             ``[0, 1]``.
+        spacing: ``None`` or the voxel size in mm, accepted as by the other
+            affine layers; a zoom along the voxel axes is the same in mm and
+            in voxels, so it changes nothing.
         data_format: ``"channels_last"`` (default) or ``"channels_first"``.
         seed: an int seed for the layer's random stream, or ``None``.
         **kwargs: base layer keyword arguments (``name``, ``dtype``...).
@@ -436,7 +491,15 @@ class RandomZoom3D(RandomAffine3D):
     ```
     """
 
-    _ARGUMENTS = ("scales", "isotropic", "interpolation", "fill_mode", "fill_value", "probability")
+    _ARGUMENTS = (
+        "scales",
+        "isotropic",
+        "interpolation",
+        "fill_mode",
+        "fill_value",
+        "probability",
+        "spacing",
+    )
 
     def __init__(
         self,
@@ -446,6 +509,7 @@ class RandomZoom3D(RandomAffine3D):
         fill_mode: str = "constant",
         fill_value: float = 0.0,
         probability: float = 1.0,
+        spacing: Sequence[float] | None = None,
         data_format: str | None = None,
         seed: int | None = None,
         **kwargs: Any,
@@ -457,6 +521,7 @@ class RandomZoom3D(RandomAffine3D):
             fill_mode=fill_mode,
             fill_value=fill_value,
             probability=probability,
+            spacing=spacing,
             data_format=data_format,
             seed=seed,
             **kwargs,
@@ -469,7 +534,7 @@ class RandomTranslation3D(RandomAffine3D):
 
     :class:`RandomAffine3D` with translation only: a shift of ``+t`` along an
     axis moves the voxel at index ``i`` to ``i + t`` (fractional shifts are
-    interpolated). The layer knows no voxel spacing: shifts are in voxels. One
+    interpolated). Shifts are in voxels, or in mm with ``spacing``. One
     resampling pass; masks follow with nearest-neighbour sampling and keep
     their dtype.
 
@@ -484,6 +549,8 @@ class RandomTranslation3D(RandomAffine3D):
         fill_value: the image value for ``fill_mode="constant"`` (masks get 0).
         probability: the probability that a sample is transformed, in
             ``[0, 1]``.
+        spacing: ``None`` (shifts in voxels) or the voxel size in mm ``(sx,
+            sy, sz)``: ``translation`` is then in mm.
         data_format: ``"channels_last"`` (default) or ``"channels_first"``.
         seed: an int seed for the layer's random stream, or ``None``.
         **kwargs: base layer keyword arguments (``name``, ``dtype``...).
@@ -503,7 +570,14 @@ class RandomTranslation3D(RandomAffine3D):
     ```
     """
 
-    _ARGUMENTS = ("translation", "interpolation", "fill_mode", "fill_value", "probability")
+    _ARGUMENTS = (
+        "translation",
+        "interpolation",
+        "fill_mode",
+        "fill_value",
+        "probability",
+        "spacing",
+    )
 
     def __init__(
         self,
@@ -512,6 +586,7 @@ class RandomTranslation3D(RandomAffine3D):
         fill_mode: str = "constant",
         fill_value: float = 0.0,
         probability: float = 1.0,
+        spacing: Sequence[float] | None = None,
         data_format: str | None = None,
         seed: int | None = None,
         **kwargs: Any,
@@ -522,6 +597,7 @@ class RandomTranslation3D(RandomAffine3D):
             fill_mode=fill_mode,
             fill_value=fill_value,
             probability=probability,
+            spacing=spacing,
             data_format=data_format,
             seed=seed,
             **kwargs,

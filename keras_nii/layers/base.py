@@ -41,6 +41,7 @@ __all__ = [
     "check_probability",
     "check_range",
     "check_shape",
+    "check_spacing",
     "register",
 ]
 
@@ -147,6 +148,25 @@ def check_shape(name: str, value: Any) -> tuple[int, int, int]:
     ):
         raise ValueError(f"{name} must be three positive integers (x, y, z), got {value!r}")
     return tuple(int(v) for v in value)
+
+
+def check_spacing(name: str, value: Any) -> tuple[float, float, float] | None:
+    """``None``, or a voxel spacing: three finite numbers > 0 (mm along axes 0, 1, 2)."""
+    if value is None:
+        return None
+    if (
+        isinstance(value, (list, tuple))
+        and len(value) == 3
+        and all(
+            isinstance(v, (int, float, np.integer, np.floating))
+            and not isinstance(v, (bool, np.bool_))
+            and math.isfinite(v)
+            and v > 0
+            for v in value
+        )
+    ):
+        return tuple(float(v) for v in value)
+    raise ValueError(f"{name} must be None or three voxel sizes > 0 in mm (x, y, z), got {value!r}")
 
 
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:

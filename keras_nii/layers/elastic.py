@@ -20,6 +20,7 @@ from keras_nii.layers.base import (
     VolumeLayer,
     check_choice,
     check_probability,
+    check_spacing,
     register,
 )
 from keras_nii.ops.compose import CoordinateMap
@@ -160,7 +161,10 @@ class RandomElasticDeformation3D(VolumeLayer):
 
     For each sample, a coarse grid of ``num_control_points`` displacement
     vectors is drawn, uniform in ``[-max_displacement, max_displacement]`` per
-    axis (as TorchIO's ``RandomElasticDeformation``, but in voxels). A cubic
+    axis (as TorchIO's ``RandomElasticDeformation``), in voxels, or in mm
+    with ``spacing`` (the bound along axis ``a`` is then
+    ``max_displacement[a] / spacing[a]`` voxels: on a 1 x 1 x 3 mm grid, 3 mm
+    is 3 voxels in-plane and 1 across slices). A cubic
     B-spline through the grid (see :func:`dense_displacement`) gives a smooth
     (twice continuously differentiable) dense field; output voxel ``p`` takes
     its value from ``p + displacement(p)`` in the input. The control grid spans
@@ -179,14 +183,18 @@ class RandomElasticDeformation3D(VolumeLayer):
     Args:
         num_control_points: control points per axis: an int >= 4 or three
             ints ``(gx, gy, gz)``.
-        max_displacement: the largest displacement, in voxels: a number >= 0
-            or three numbers (one per axis).
+        max_displacement: the largest displacement, in voxels (in mm with
+            ``spacing``): a number >= 0 or three numbers (one per axis);
+            ``(d, d, 0)`` keeps every voxel in its slice (thick slices along
+            axis 2, nnU-Net's "dummy 2D" augmentation).
         locked_borders: if true (default), the control points on the grid's
             border do not move, so the volume's faces stay in place.
         interpolation: ``"linear"`` (default) or ``"nearest"``, for images.
         fill_mode: ``"nearest"`` (default), ``"constant"`` or ``"reflect"``.
         fill_value: the image value for ``fill_mode="constant"``.
         probability: the probability that a sample is deformed.
+        spacing: ``None`` (default: ``max_displacement`` in voxels) or the
+            voxel size in mm ``(sx, sy, sz)`` of the volumes.
         data_format: ``"channels_last"`` or ``"channels_first"``.
         seed: int seed of the random stream.
 
@@ -225,6 +233,7 @@ class RandomElasticDeformation3D(VolumeLayer):
         fill_mode: str = "nearest",
         fill_value: float = 0.0,
         probability: float = 1.0,
+        spacing: Sequence[float] | None = None,
         data_format: str | None = None,
         seed: int | None = None,
         **kwargs: Any,
@@ -245,8 +254,12 @@ class RandomElasticDeformation3D(VolumeLayer):
             raise ValueError(f"fill_value must be a finite number, got {fill_value!r}")
         self.fill_value = float(fill_value)
         self.probability = check_probability("probability", probability)
-        # constants: the per-axis bound and the mask of movable control points
-        self._bound = np.asarray(self.max_displacement, dtype="float32")
+        self.spacing = check_spacing("spacing", spacing)
+        # constants: the per-axis bound in voxels and the mask of movable control points
+        bound = np.asarray(self.max_displacement, dtype="float64")
+        if self.spacing is not None:
+            bound = bound / np.asarray(self.spacing, dtype="float64")
+        self._bound = bound.astype("float32")
         movable = np.ones(self.num_control_points, dtype="float32")
         if self.locked_borders:
             movable[[0, -1], :, :] = 0.0
@@ -265,9 +278,7 @@ class RandomElasticDeformation3D(VolumeLayer):
 
     def _field(self, spatial: Sequence[Any], transformation: Any) -> Any:
         """The dense displacements ``(batch, 3, x, y, z)``, in voxels."""
-        return _displacement_components(
-            transformation["control_points"], spatial, self.max_displacement
-        )
+        return _displacement_components(transformation["control_points"], spatial, self._bound)
 
     def coordinate_map(
         self, transformation: Any, spatial_shape: Sequence[Any], batch_size: Any
@@ -320,6 +331,7 @@ class RandomElasticDeformation3D(VolumeLayer):
                 "fill_mode": self.fill_mode,
                 "fill_value": self.fill_value,
                 "probability": self.probability,
+                "spacing": None if self.spacing is None else list(self.spacing),
             }
         )
         return config

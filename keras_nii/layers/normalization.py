@@ -18,6 +18,7 @@ import keras
 from keras import ops
 
 from keras_nii.layers.base import VolumeLayer, check_bool, check_number, check_range, register
+from keras_nii.ops.quantile import quantiles
 from keras_nii.ops.reduce import reduce_rows, reduce_volumes
 
 __all__ = ["ZScoreNormalization", "MinMaxNormalization", "IntensityWindow"]
@@ -37,6 +38,27 @@ def _check_interval(name: str, value: Any, **bounds: Any) -> tuple[float, float]
     return low, high
 
 
+def _check_statistic(name: str, value: Any, positive: bool = False) -> Any:
+    """``None``, a finite number, or a non-empty list of them (one a channel)."""
+    if value is None:
+        return None
+    many = isinstance(value, (list, tuple))
+    values = list(value) if many else [value]
+    kind = "positive finite" if positive else "finite"
+    problem = ValueError(
+        f"{name} must be None, a {kind} number or a list of them (one a channel), got {value!r}"
+    )
+    if not values:
+        raise problem
+    try:
+        numbers = tuple(check_number(name, v) for v in values)
+    except ValueError:
+        raise problem from None
+    if positive and min(numbers) <= 0:
+        raise problem
+    return numbers if many else numbers[0]
+
+
 # ----------------------------------------------------------------------------
 # helpers
 
@@ -51,17 +73,20 @@ _SHIFT_STRIDE = 4
 
 
 def _value_nearest_mean(values: Any, keep: Any) -> tuple[Any, Any]:
-    """Per row of ``values`` (reduced over axis 1): the kept value nearest the
+    """Per row of ``values`` (reduced over axis 1): a kept value nearest the
     mean of the kept values, and how many values are kept.
 
     ``keep`` is ``values``'s 0/1 mask. A row without kept values gives its
-    first value (0 where ``keep`` drops zeros) and a count of 0.
+    largest value (0 where ``keep`` drops zeros) and a count of 0. Of two
+    kept values equally near the mean, the larger. (A minimum and a select,
+    not ``argmin``: under TensorFlow an argmin over floats lowers to bit
+    operations that ONNX and LiteRT cannot run.)
     """
     count = ops.sum(keep, axis=1, keepdims=True)
     mean = ops.sum(values * keep, axis=1, keepdims=True) / ops.maximum(count, 1.0)
     distance = ops.where(keep > 0, ops.abs(values - mean), math.inf)
-    index = ops.expand_dims(ops.argmin(distance, axis=1), 1)
-    return ops.take_along_axis(values, index, axis=1), count
+    nearest = ops.equal(distance, ops.min(distance, axis=1, keepdims=True))
+    return ops.max(ops.where(nearest, values, -math.inf), axis=1, keepdims=True), count
 
 
 # ----------------------------------------------------------------------------
@@ -88,12 +113,25 @@ class ZScoreNormalization(VolumeLayer):
     constant volume has an exactly zero spread and large offsets (CT at
     -1000 HU) lose no precision.
 
+    With ``mean`` and ``std`` (given together) the statistics are fixed,
+    dataset-wide (e.g. the foreground statistics of a dataset fingerprint, as
+    nnU-Net does for CT): every sample becomes ``(x - mean) / std``, with one
+    number for all channels or a list of one a channel. Nothing is computed
+    from the data, and the values are saved and exported with the model.
+    ``nonzero=True`` still leaves zero voxels at zero; ``epsilon`` plays no
+    part (a fixed std must be positive).
+
     Args:
         nonzero: compute the statistics over the non-zero voxels only and leave
             zero voxels at zero.
         per_channel: normalize each channel on its own (default) or all
             channels of a sample together.
         epsilon: a std below this is treated as 1 (must be > 0).
+        mean: ``None`` (each sample's own mean) or the fixed mean to
+            subtract: a finite number, or a list of one a channel.
+        std: ``None`` (each sample's own std) or the fixed std to divide by:
+            a positive number, or a list of one a channel. Given with
+            ``mean``.
         data_format: ``"channels_last"`` (default) or ``"channels_first"``.
         **kwargs: passed to ``keras.layers.Layer``.
 
@@ -109,6 +147,8 @@ class ZScoreNormalization(VolumeLayer):
     ```python
     layer = keras_nii.layers.ZScoreNormalization(nonzero=True)
     out = layer(np.random.rand(2, 16, 16, 16, 1).astype("float32"))
+    # fixed statistics of a CT dataset's foreground, after a window
+    fixed = keras_nii.layers.ZScoreNormalization(mean=95.6, std=48.2)
     ```
     """
 
@@ -117,6 +157,8 @@ class ZScoreNormalization(VolumeLayer):
         nonzero: bool = False,
         per_channel: bool = True,
         epsilon: float = 1e-8,
+        mean: float | list[float] | None = None,
+        std: float | list[float] | None = None,
         data_format: str | None = None,
         **kwargs: Any,
     ):
@@ -127,6 +169,25 @@ class ZScoreNormalization(VolumeLayer):
         if epsilon <= 0:
             raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
         self.epsilon = epsilon
+        self.mean = _check_statistic("mean", mean)
+        self.std = _check_statistic("std", std, positive=True)
+        if (self.mean is None) != (self.std is None):
+            raise ValueError(
+                f"mean and std are fixed together: give both or neither, got mean={mean!r}, "
+                f"std={std!r}"
+            )
+
+    def _fixed(self, name: str, x: Any) -> Any:
+        """The fixed statistic ``name`` as a constant that broadcasts over ``x``."""
+        value = getattr(self, name)
+        if isinstance(value, tuple):
+            channels = x.shape[4]
+            if channels is not None and len(value) not in (1, channels):
+                raise ValueError(
+                    f"{name} has {len(value)} values (one a channel) but the images have "
+                    f"{channels} channels"
+                )
+        return ops.convert_to_tensor(value, dtype=x.dtype)
 
     def _shift(self, voxels: Any, subsample: Any, work: str) -> Any:
         """A value of the voxels taken into account, near their mean, per row.
@@ -154,6 +215,11 @@ class ZScoreNormalization(VolumeLayer):
         dtype = images.dtype
         work = _work_dtype(dtype)
         x = ops.cast(images, work)
+        if self.mean is not None:
+            out = (x - self._fixed("mean", x)) / self._fixed("std", x)
+            if self.nonzero:
+                out = ops.where(ops.not_equal(x, 0), out, ops.zeros_like(out))
+            return ops.cast(out, dtype)
         shape = ops.shape(x)
         # One row per sample, or per sample and channel, reduced over axis 1.
         # (batch, voxels) when a sample is one group: XLA's CPU reductions are
@@ -191,7 +257,13 @@ class ZScoreNormalization(VolumeLayer):
 
     def get_config(self) -> dict:
         config = super().get_config()
-        config.update(nonzero=self.nonzero, per_channel=self.per_channel, epsilon=self.epsilon)
+        config.update(
+            nonzero=self.nonzero,
+            per_channel=self.per_channel,
+            epsilon=self.epsilon,
+            mean=list(self.mean) if isinstance(self.mean, tuple) else self.mean,
+            std=list(self.std) if isinstance(self.std, tuple) else self.std,
+        )
         return config
 
 
@@ -259,14 +331,14 @@ class MinMaxNormalization(VolumeLayer):
                 reduce_volumes(x, "max", self.per_channel),
             )
         shape = ops.shape(x)
-        q = ops.convert_to_tensor([p / 100.0 for p in self.percentiles], dtype=x.dtype)
+        qs = [p / 100.0 for p in self.percentiles]
         if self.per_channel:
             flat = ops.reshape(x, (shape[0], -1, shape[4]))
-            bounds = ops.quantile(flat, q, axis=1)  # (2, batch, channels)
+            bounds = quantiles(flat, qs, axis=1)  # 2 x (batch, channels)
             expand = (1, 1, 1)
         else:
             flat = ops.reshape(x, (shape[0], -1))
-            bounds = ops.quantile(flat, q, axis=1)  # (2, batch)
+            bounds = quantiles(flat, qs, axis=1)  # 2 x (batch,)
             expand = (1, 1, 1, 1)
         low, high = ops.cast(bounds[0], x.dtype), ops.cast(bounds[1], x.dtype)
         for axis in expand:

@@ -266,6 +266,101 @@ def test_half_precision_images_keep_their_dtype():
     np.testing.assert_allclose(to_numpy(out).astype("float32"), reference, atol=2e-3)
 
 
+# --------------------------------------------------------------------------- millimetres
+
+
+def _physical(forward, spacing, translation_mm=(0, 0, 0)):
+    """scipy's (matrix, offset) of a forward map in mm: ``D^-1 A D`` in index space."""
+    d = np.diag(np.asarray(spacing, "float64"))
+    d_inv = np.linalg.inv(d)
+    return _inverse(d_inv @ forward @ d, d_inv @ np.asarray(translation_mm, "float64"))
+
+
+@pytest.mark.parametrize("axis", [2, 0, 1])
+def test_fixed_rotation_in_mm_matches_scipy(axis, rng):
+    # 30 degrees about one axis of a 1 x 1 x 3 mm volume; about axis 2 (the
+    # thick one) the turn is in the isotropic plane, about 0 and 1 it mixes
+    # the 1 mm and 3 mm axes and differs from a turn of the voxel grid
+    degrees = [0.0, 0.0, 0.0]
+    degrees[axis] = 30.0
+    spacing = (1.0, 1.0, 3.0)
+    layer = RandomRotation3D(degrees=_fixed(degrees), spacing=spacing, seed=1)
+    matrix, offset = _physical(_forward(degrees=degrees), spacing)
+    _check_against_scipy(layer, matrix, offset, rng)
+    voxel_matrix, _ = _inverse(_forward(degrees=degrees))
+    assert np.allclose(matrix, voxel_matrix) == (axis == 2)
+
+
+def test_fixed_affine_in_mm_matches_scipy(rng):
+    degrees, scales, shear = (10, -20, 30), (1.1, 0.9, 1.2), (5, -8, 3)
+    spacing, translation = (0.8, 1.25, 2.5), (1.5, -2.5, 5.0)  # mm
+    layer = RandomAffine3D(
+        degrees=_fixed(degrees),
+        scales=_fixed(scales),
+        translation=_fixed(translation),
+        shear=_fixed(shear),
+        spacing=spacing,
+        seed=2,
+    )
+    forward = _forward(degrees=degrees, scales=scales, shear=shear)
+    _check_against_scipy(layer, *_physical(forward, spacing, translation), rng)
+
+
+def test_rotation_in_mm_moves_a_point_by_its_physical_distance():
+    # +90 degrees about axis 0 turns axis 1 towards axis 2: a point 6 mm from
+    # the centre along axis 1 (6 voxels of 1 mm) lands 6 mm along axis 2,
+    # which is 2 voxels of 3 mm
+    n = 15
+    volume = np.zeros((1, n, n, n, 1), "float32")
+    volume[0, 7, 13, 7, 0] = 1.0
+    layer = RandomRotation3D(degrees=_fixed((90, 0, 0)), spacing=(1, 1, 3), seed=0)
+    out = to_numpy(layer(volume))
+    assert np.unravel_index(np.argmax(out[0, ..., 0]), (n, n, n)) == (7, 7, 9)
+    assert out[0, 7, 7, 9, 0] > 0.99
+
+
+def test_translation_in_mm():
+    volume = np.zeros((1, N, N, N, 1), "float32")
+    volume[0, 5, 7, 9, 0] = 1.0
+    layer = RandomTranslation3D(translation=_fixed((3, -1, 6)), spacing=(1.5, 0.5, 3), seed=0)
+    expected = np.zeros_like(volume)
+    expected[0, 7, 5, 11, 0] = 1.0  # (3 / 1.5, -1 / 0.5, 6 / 3) voxels
+    np.testing.assert_allclose(to_numpy(layer(volume)), expected, atol=1e-6)
+
+
+def test_zoom_is_the_same_in_mm_and_in_voxels():
+    plain = RandomZoom3D(scales=(0.7, 1.3), isotropic=False, seed=3)
+    in_mm = RandomZoom3D(scales=(0.7, 1.3), isotropic=False, spacing=(1, 2, 4), seed=3)
+    np.testing.assert_allclose(
+        to_numpy(in_mm.get_random_transformation(4, (N, N, N))["matrices"]),
+        to_numpy(plain.get_random_transformation(4, (N, N, N))["matrices"]),
+        atol=1e-6,
+    )
+
+
+def test_isotropic_spacing_changes_nothing():
+    kwargs = {"degrees": 20, "scales": 0.1, "translation": 2, "shear": 5}
+    plain = RandomAffine3D(**kwargs, seed=4)
+    unit = RandomAffine3D(**kwargs, spacing=(1, 1, 1), seed=4)
+    np.testing.assert_allclose(
+        to_numpy(unit.get_random_transformation(3, (N, N, N))["matrices"]),
+        to_numpy(plain.get_random_transformation(3, (N, N, N))["matrices"]),
+        atol=1e-6,
+    )
+
+
+@pytest.mark.parametrize("spacing", [(1, 1), (1, 0, 1), (1, -2, 1), "1mm", (1, float("nan"), 1)])
+def test_bad_spacing_names_itself(spacing):
+    for make in (
+        lambda **kw: RandomAffine3D(**kw),
+        lambda **kw: RandomRotation3D(5, **kw),
+        lambda **kw: RandomZoom3D(0.1, **kw),
+        lambda **kw: RandomTranslation3D(2, **kw),
+    ):
+        with pytest.raises(ValueError, match="spacing"):
+            make(spacing=spacing)
+
+
 @pytest.mark.parametrize(
     "kwargs, name",
     [
@@ -317,7 +412,10 @@ def test_isotropic_zoom_draws_one_factor():
             RandomAffine3D(degrees=5, scales=0.1, translation=2, shear=3, isotropic=True, seed=1),
             {"degrees", "scales", "translation", "shear", "isotropic"},
         ),
-        (RandomRotation3D(degrees=(0, 0, 15), fill_mode="reflect", seed=2), {"degrees"}),
+        (
+            RandomRotation3D(degrees=(0, 0, 15), fill_mode="reflect", spacing=(1, 1, 3), seed=2),
+            {"degrees"},
+        ),
         (RandomZoom3D(scales=(0.8, 1.25), isotropic=False, seed=3), {"scales", "isotropic"}),
         (
             RandomTranslation3D(translation=(4, 4, 2), interpolation="nearest", seed=4),
@@ -327,12 +425,28 @@ def test_isotropic_zoom_draws_one_factor():
 )
 def test_config_round_trip(layer, own):
     config = layer.get_config()
-    common = {"interpolation", "fill_mode", "fill_value", "probability", "data_format", "seed"}
+    common = {
+        "interpolation",
+        "fill_mode",
+        "fill_value",
+        "probability",
+        "spacing",
+        "data_format",
+        "seed",
+    }
     base = {"name", "trainable", "dtype"}
     assert set(config) == own | common | base
     rebuilt = type(layer).from_config(config)
     assert rebuilt.get_config() == config
-    for attribute in ("degrees", "scales", "translation", "shear", "isotropic", "fill_mode"):
+    for attribute in (
+        "degrees",
+        "scales",
+        "translation",
+        "shear",
+        "isotropic",
+        "fill_mode",
+        "spacing",
+    ):
         assert getattr(rebuilt, attribute) == getattr(layer, attribute)
 
 
@@ -340,7 +454,7 @@ EXAMPLES = [
     lambda: RandomAffine3D(
         degrees=10, scales=(0.9, 1.2), translation=2, shear=5, probability=0.9, seed=3
     ),
-    lambda: RandomRotation3D(degrees=(5, 10, 15), fill_mode="reflect", seed=4),
+    lambda: RandomRotation3D(degrees=(5, 10, 15), fill_mode="reflect", spacing=(1, 1, 2), seed=4),
     lambda: RandomZoom3D(scales=(0.8, 1.25), interpolation="nearest", seed=5),
     lambda: RandomTranslation3D(
         translation=(3, 3, 1), fill_mode="nearest", probability=0.7, seed=6

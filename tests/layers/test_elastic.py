@@ -259,6 +259,47 @@ def test_config_round_trip():
     assert clone.get_config() == layer.get_config()
     assert clone.num_control_points == (4, 5, 6)
     assert clone.max_displacement == (1.0, 2.0, 3.0)
+    assert clone.spacing is None
+    in_mm = RandomElasticDeformation3D(max_displacement=3.0, spacing=(0.5, 1.0, 3.0))
+    clone = RandomElasticDeformation3D.from_config(in_mm.get_config())
+    assert clone.get_config() == in_mm.get_config()
+    assert clone.spacing == (0.5, 1.0, 3.0)
+
+
+def test_displacement_in_mm(rng):
+    # 3 mm on a 0.5 x 1 x 3 mm grid is 6, 3 and 1 voxels: the same draws and
+    # the same output as the voxel layer given those bounds
+    images = smooth_volume(rng)
+    masks = (images[..., :1] > 0).astype("int32")
+    data = {"images": images, "segmentation_masks": masks}
+    in_mm = RandomElasticDeformation3D(max_displacement=3.0, spacing=(0.5, 1.0, 3.0), seed=5)
+    in_voxels = RandomElasticDeformation3D(max_displacement=(6.0, 3.0, 1.0), seed=5)
+    out, expected = to_numpy(in_mm(data)), to_numpy(in_voxels(data))
+    np.testing.assert_array_equal(out["segmentation_masks"], expected["segmentation_masks"])
+    np.testing.assert_allclose(out["images"], expected["images"], atol=1e-6)
+    assert not np.allclose(out["images"], images, atol=1e-3)
+
+    # the field itself, on a ramp: within 3 mm along every axis, and near it
+    layer = RandomElasticDeformation3D(max_displacement=3.0, spacing=(0.5, 1.0, 3.0), seed=6)
+    field = to_numpy(layer(ramp(4), training=True)) - ramp(4)
+    interior = field[:, 2:-2, 2:-2, 2:-2]  # away from the extrapolated edges
+    largest_mm = np.abs(interior).max(axis=(0, 1, 2, 3)) * np.array([0.5, 1.0, 3.0])
+    assert np.all(largest_mm <= 3.0 + 1e-4), largest_mm
+    assert np.all(largest_mm >= 1.0), largest_mm
+
+
+def test_in_plane_only_deformation_keeps_slices():
+    # (d, d, 0) mm: every voxel samples its own slice (thick axis 2)
+    layer = RandomElasticDeformation3D(max_displacement=(4.0, 4.0, 0.0), spacing=(1, 1, 5), seed=7)
+    field = to_numpy(layer(ramp(2), training=True)) - ramp(2)
+    assert np.abs(field[..., 2]).max() < 1e-5  # float32 rounding of the weights
+    assert np.abs(field[..., :2]).max() > 0.5
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 2.0), (0, 1, 1), "iso", (1, 1, float("inf"))])
+def test_bad_spacing_names_itself(spacing):
+    with pytest.raises(ValueError, match="spacing"):
+        RandomElasticDeformation3D(spacing=spacing)
 
 
 EXAMPLES = [
@@ -268,6 +309,7 @@ EXAMPLES = [
         interpolation="linear",
         fill_mode="constant",
         probability=0.8,
+        spacing=(1.0, 1.5, 2.0),
         seed=3,
     ),
 ]

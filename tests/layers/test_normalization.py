@@ -231,6 +231,68 @@ def test_zscore_masks_untouched_and_training_false_applies(rng):
     np.testing.assert_allclose(to_numpy(out["images"]), zscore_reference(x), rtol=1e-5, atol=1e-5)
 
 
+def fixed_zscore_reference(x, mean, std, nonzero=False):
+    x = np.asarray(x, np.float64)
+    out = (x - np.asarray(mean, np.float64)) / np.asarray(std, np.float64)
+    return np.where(x != 0, out, 0.0) if nonzero else out
+
+
+@pytest.mark.parametrize("nonzero", [False, True])
+def test_zscore_fixed_statistics_match_numpy_and_ignore_the_sample(rng, nonzero):
+    # CT-like: two samples of very different content get the same affine map
+    x = rng.normal(40, 300, size=(2, 7, 6, 5, 1)).astype("float32")
+    x[1] = x[1] * 0.1 + 900
+    x[:, :2] = 0
+    layer = ZScoreNormalization(mean=95.6, std=48.2, nonzero=nonzero)
+    for fn in (layer, compiled(lambda t: layer(t))):
+        out = to_numpy(fn(x))
+        expected = fixed_zscore_reference(x, 95.6, 48.2, nonzero)
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+        # each sample alone gives the same: nothing depends on the batch or the data
+        np.testing.assert_allclose(to_numpy(fn(x[1:])), out[1:], rtol=1e-6, atol=1e-6)
+    if nonzero:
+        assert np.all(out[:, :2] == 0)
+    else:
+        np.testing.assert_allclose(out[:, :2], -95.6 / 48.2, rtol=1e-6)
+
+
+def test_zscore_fixed_statistics_per_channel(rng):
+    # two modalities with their own dataset statistics; per_channel does not matter
+    x = np.concatenate(
+        [rng.normal(300, 80, size=(2, 6, 5, 4, 1)), rng.normal(-2, 0.5, size=(2, 6, 5, 4, 1))],
+        axis=-1,
+    ).astype("float32")
+    for per_channel in (True, False):
+        layer = ZScoreNormalization(mean=[300.0, -2.0], std=[80.0, 0.5], per_channel=per_channel)
+        out = to_numpy(layer(x))
+        expected = fixed_zscore_reference(x, [300.0, -2.0], [80.0, 0.5])
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    # channels_first takes the list along its channel axis too
+    first = ZScoreNormalization(mean=[300.0, -2.0], std=[80.0, 0.5], data_format="channels_first")
+    out = to_numpy(first(np.transpose(x, (0, 4, 1, 2, 3))))
+    np.testing.assert_allclose(out, np.transpose(expected, (0, 4, 1, 2, 3)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="3 channels"):
+        ZScoreNormalization(mean=[1.0, 2.0], std=[1.0, 1.0])(np.ones((1, 4, 4, 4, 3), "float32"))
+
+
+def test_zscore_fixed_statistics_survive_saving(tmp_path, rng):
+    inputs = keras.Input((None, None, None, 2))
+    outputs = ZScoreNormalization(mean=[95.5, -3.0], std=[48.25, 2.0])(inputs)
+    model = keras.Model(inputs, outputs)
+    path = str(tmp_path / "fixed.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    layer = loaded.layers[-1]
+    assert layer.mean == (95.5, -3.0) and layer.std == (48.25, 2.0)
+    x = rng.normal(50, 40, size=(1, 5, 4, 3, 2)).astype("float32")
+    np.testing.assert_allclose(
+        to_numpy(loaded(x)),
+        fixed_zscore_reference(x, [95.5, -3.0], [48.25, 2.0]),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
 # ----------------------------------------------------------------------------
 # MinMaxNormalization
 
@@ -325,6 +387,7 @@ def example_layers():
     return [
         ZScoreNormalization(),
         ZScoreNormalization(nonzero=True, per_channel=False),
+        ZScoreNormalization(mean=150.0, std=40.0, nonzero=True),
         MinMaxNormalization(),
         MinMaxNormalization(percentiles=(1, 99), output_range=(-1, 1)),
         IntensityWindow(-100, 300),
@@ -391,6 +454,14 @@ def test_config_round_trip():
         (lambda: ZScoreNormalization(epsilon=0), "epsilon"),
         (lambda: ZScoreNormalization(nonzero="yes"), "nonzero"),
         (lambda: ZScoreNormalization(per_channel=1), "per_channel"),
+        (lambda: ZScoreNormalization(mean=1.0), "mean and std"),
+        (lambda: ZScoreNormalization(std=1.0), "mean and std"),
+        (lambda: ZScoreNormalization(mean=float("nan"), std=1.0), "mean"),
+        (lambda: ZScoreNormalization(mean="0", std=1.0), "mean"),
+        (lambda: ZScoreNormalization(mean=[], std=1.0), "mean"),
+        (lambda: ZScoreNormalization(mean=0.0, std=0.0), "std"),
+        (lambda: ZScoreNormalization(mean=0.0, std=[1.0, -2.0]), "std"),
+        (lambda: ZScoreNormalization(mean=0.0, std=float("inf")), "std"),
         (lambda: MinMaxNormalization(output_range=(1, 0)), "output_range"),
         (lambda: MinMaxNormalization(output_range=(1, 1)), "output_range"),
         (lambda: MinMaxNormalization(output_range=1.0), "output_range"),

@@ -1,0 +1,65 @@
+"""Quantiles of rows, in float32 index arithmetic, for graphs that are exported.
+
+``keras.ops.quantile`` under TensorFlow computes the interpolation positions
+in float64, which LiteRT's builtin ops cannot run ('tf.Sub' / 'tf.Mul' /
+'tf.Ceil' on float64 stop the conversion). Here the position ``q * (n - 1)``
+of each quantile is computed from int32 and float32 values only, split so
+that it stays exact to about ``n * 2**-36`` voxels: for ``n - 1 = a * 4096 +
+b``, ``q * (n - 1) = a * floor(4096 q) + (a * frac(4096 q) + b * q)``, an
+exact int32 product plus a float32 term below ``2**19 + 4096``. The values
+are interpolated linearly between the two neighbouring order statistics, as
+``numpy.percentile``'s default ``method="linear"``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from keras import ops
+
+__all__ = ["quantiles"]
+
+_SPLIT = 4096
+
+
+def _position(count: Any, q: float) -> tuple[Any, Any]:
+    """``q * (count - 1)`` as an int32 floor and a float32 fraction in [0, 1)."""
+    m = ops.cast(count, "int32") - 1
+    a, b = m // _SPLIT, m % _SPLIT
+    scaled = _SPLIT * q
+    whole = math.floor(scaled)
+    rest = ops.cast(a, "float32") * (scaled - whole) + ops.cast(b, "float32") * q
+    carry = ops.floor(rest)
+    lower = a * whole + ops.cast(carry, "int32")
+    return lower, rest - carry
+
+
+def quantiles(rows: Any, qs: Sequence[float], axis: int = 1) -> list[Any]:
+    """The ``qs`` quantiles (each in [0, 1]) of ``rows`` along ``axis``.
+
+    Args:
+        rows: a float tensor; its ``axis`` runs over the values of one row
+            (it may be symbolic).
+        qs: the quantiles, Python floats in [0, 1].
+        axis: the axis reduced (removed from each result's shape).
+
+    Returns:
+        One tensor a quantile, of ``rows``'s shape less ``axis``, and its dtype.
+    """
+    ordered = ops.sort(rows, axis=axis)
+    count = ops.shape(rows)[axis]
+    last = ops.cast(count, "int32") - 1
+    out = []
+    for q in qs:
+        if not 0.0 <= q <= 1.0:
+            raise ValueError(f"a quantile must be in [0, 1], got {q!r}")
+        lower, fraction = _position(count, float(q))
+        lower = ops.minimum(lower, last)
+        upper = ops.minimum(lower + 1, last)
+        low = ops.take(ordered, lower, axis=axis)
+        high = ops.take(ordered, upper, axis=axis)
+        fraction = ops.cast(fraction, rows.dtype)
+        out.append(low + (high - low) * fraction)
+    return out
