@@ -43,6 +43,7 @@ from typing import Any
 from keras import ops
 
 from keras_nii.ops.resample import FILL_MODES, INTERPOLATIONS, affine_coordinates, resample
+from keras_nii.ops.xla import materialize
 
 __all__ = ["CoordinateMap", "ComposedMap", "compose", "compose_matrices", "sample"]
 
@@ -202,12 +203,15 @@ def compose(maps: Sequence[CoordinateMap]) -> ComposedMap:
     matrix: Any = None
     pending: float | None = None
     fills: list = []
+    costly = False  # whether the coordinates are computed point by point
 
     def current() -> tuple | None:
+        nonlocal costly
         if matrix is None:
             return dense if dense is not None else None
         if dense is None:
             return affine_coordinates(matrix, output_shape)
+        costly = True
         return _apply_matrix(matrix, dense)
 
     def settle(box: Sequence[Any]) -> None:
@@ -233,6 +237,7 @@ def compose(maps: Sequence[CoordinateMap]) -> ComposedMap:
                 )
             else:
                 settle(m.output_shape)
+                costly = True
                 shift = _field_at(m.displacement, dense)
                 dense = tuple(c + s for c, s in zip(dense, shift, strict=True))
         else:
@@ -246,6 +251,7 @@ def compose(maps: Sequence[CoordinateMap]) -> ComposedMap:
             pending = m.fill_value
         else:
             settle(m.input_shape)
+            costly = True
             dense = _clamp(dense, m.input_shape, m.fill_mode)
 
     first = maps[0]
@@ -259,6 +265,13 @@ def compose(maps: Sequence[CoordinateMap]) -> ComposedMap:
     else:
         fill_mode, fill_value = first.fill_mode, first.fill_value
     linear = any(not m.exact and m.interpolation == "linear" for m in maps)
+    if costly:
+        # the sampler reads the coordinates at 8 corners: computed point by
+        # point (a matrix on dense coordinates, clamps, a field evaluated at
+        # points), XLA on CPU would recompute them at each read
+        coordinates = tuple(
+            materialize(t, lambda t=t: ops.reshape(t, (-1,))[0] > -1e30) for t in coordinates
+        )
     return ComposedMap(
         coordinates=tuple(coordinates),
         fill_mode=fill_mode,

@@ -474,3 +474,36 @@ def test_augmented_model_trains_on_aligned_pairs(jit_compile):
     losses, before, after = _aligned_fit(jit_compile)
     assert losses == [0.0, 0.0]
     assert all(not np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_maps_honour_spacing():
+    # millimetre parameters reach the fused maps: one nearest interpolation
+    # between exact maps, so fused and unfused agree up to rounding ties
+    def make():
+        return [
+            layers.RandomFlip3D(seed=1),
+            layers.RandomAffine3D(
+                degrees=20, translation=3, spacing=(1.0, 1.0, 3.0), interpolation="nearest", seed=2
+            ),
+            layers.RandomRotation90_3D(planes=((0, 1),), seed=3),
+        ]
+
+    unfused, fused = both(make, volumes(5))
+    for key in unfused:
+        assert np.mean(unfused[key] != fused[key]) < 1e-3, key
+
+    def make_elastic():
+        return [
+            layers.RandomElasticDeformation3D(
+                num_control_points=5,
+                max_displacement=4.0,
+                spacing=(1.0, 2.0, 4.0),
+                interpolation="nearest",
+                seed=4,
+            ),
+            layers.RandomFlip3D(seed=5),
+        ]
+
+    unfused, fused = both(make_elastic, volumes(6))
+    for key in unfused:
+        assert np.mean(unfused[key] != fused[key]) < 1e-3, key
