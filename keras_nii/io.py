@@ -12,12 +12,14 @@ Everything format-related is nibabel's: scaling comes from ``dataobj``
 
 from __future__ import annotations
 
-import io
+import dataclasses
+import functools
 import math
 import mmap
 import os
+import tempfile
 import uuid
-import zlib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -29,7 +31,9 @@ from nibabel.arrayproxy import ArrayProxy
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
+from keras_nii import remote, storage
 from keras_nii.spacing import check_interpolation, check_spacing, resample_to_spacing
+from keras_nii.storage import NiftiError
 
 __all__ = ["NiftiError", "Volume", "load_nifti", "save_nifti", "NIFTI_SUFFIXES"]
 
@@ -37,10 +41,6 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii", ".hdr", ".img")
 NonFinitePolicy = Literal["raise", "zero", "keep"]
 _NIFTI_TYPES = (nib.Nifti1Image, nib.Nifti2Image, nib.Nifti1Pair, nib.Nifti2Pair)
 _RAS = ornt_tools.axcodes2ornt(("R", "A", "S"))
-
-
-class NiftiError(ValueError):
-    """A NIfTI file that cannot be read or written; the message names the file."""
 
 
 def _identity_ornt() -> np.ndarray:
@@ -66,7 +66,8 @@ class Volume:
             ``array[i, j, k]``.
         header: the source file's header (a copy), or ``None`` for a volume
             made in memory.
-        path: the source file, or ``None``.
+        path: the source file as an absolute path (so that a later
+            ``os.chdir`` does not change which file it names), or ``None``.
         source_affine: the affine stored in the source file.
         source_shape: the data shape stored in the source file.
         orientation: the nibabel orientation transform (``(3, 2)`` array) that
@@ -85,6 +86,9 @@ class Volume:
     source_shape: tuple[int, ...] | None = None
     orientation: np.ndarray = field(default_factory=_identity_ornt)
     resampling: Any = None
+    #: ``(st_dev, st_ino)`` of the source file (and its pair twin) when it was
+    #: read: save_nifti(..., like=) refuses to write over them, even renamed
+    source_files: tuple[tuple[int, int], ...] = field(default=(), repr=False)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -132,8 +136,7 @@ def _invert_ornt(transform: np.ndarray) -> np.ndarray:
     return inverse
 
 
-def _fail(path: Any, problem: str) -> NiftiError:
-    return NiftiError(f"{os.fspath(path)}: {problem}")
+_fail = storage.fail
 
 
 def _has_nifti_suffix(path: str) -> bool:
@@ -141,29 +144,111 @@ def _has_nifti_suffix(path: str) -> bool:
 
 
 def _read_image(path: str):
-    if not os.path.exists(path):
-        raise _fail(path, "no such file")
-    if os.path.isdir(path):
-        raise _fail(path, "is a directory, not a NIfTI file")
+    """nibabel's image of a NIfTI file, its header read and checked, its data not."""
+    storage.regular_file(path, "NIfTI file")
+    twin = storage.pair_twin(path)
+    if twin is not None and os.path.lexists(twin):
+        # a FIFO as the twin would block nibabel's read forever
+        storage.regular_file(twin, "NIfTI file")
     try:
         img = nib.load(path)
     except ImageFileError as err:
         raise _fail(path, f"not a NIfTI file ({err})") from err
-    except MemoryError:
-        raise
+    except MemoryError as err:
+        raise _fail(path, "not enough memory to read its header") from err
     except Exception as err:  # OSError, EOFError, zlib.error, HeaderDataError, struct.error ...
         raise _fail(path, f"unreadable or corrupt header ({type(err).__name__}: {err})") from err
     if isinstance(img, nib.Cifti2Image):
         raise _fail(path, "is a CIFTI-2 file (surface/grayordinate data), not a volume")
     if not isinstance(img, _NIFTI_TYPES):
         raise _fail(path, f"not a NIfTI file (nibabel reads it as {type(img).__name__})")
-    twins = _pair_paths(path)
-    if len(twins) == 2:
-        twin = twins[1]
-        stem, ext = os.path.splitext(twin)
-        if not any(os.path.exists(stem + e) for e in (ext, ext.upper(), ext.lower())):
-            raise _fail(path, f"its pair file {twin} is missing (a .hdr/.img pair needs both)")
+    if twin is not None and not os.path.lexists(twin):
+        # nibabel opens the twin spelled like this (the case of the suffix kept)
+        others = storage.twin_variants(path)[1:]
+        hint = (
+            f" ({others[0]} exists, but the suffixes of a pair must match in case)"
+            if others
+            else ""
+        )
+        raise _fail(path, f"its pair file {twin} is missing (a .hdr/.img pair needs both){hint}")
     return img
+
+
+#: voxel sizes (mm) outside this range are a header error, not a scan
+VOXEL_SIZE_RANGE = (1e-6, 1e6)
+
+
+def _affine_problem(affine: np.ndarray) -> str | None:
+    """What is wrong with a voxel-to-world affine, or ``None``."""
+    affine = np.asarray(affine, dtype=np.float64)
+    rows = ("srow_x", "srow_y", "srow_z")
+    for i in range(3):
+        if not np.all(np.isfinite(affine[i])):
+            return f"row {i} ({rows[i]}) {affine[i].tolist()} is not finite"
+    linear = affine[:3, :3]
+    zero = [rows[i] for i in range(3) if not np.any(linear[i])]
+    if zero:
+        return (
+            f"{', '.join(zero)} {'is' if len(zero) == 1 else 'are'} zero (no voxel axis spans it)"
+        )
+    sizes = np.sqrt(np.sum(linear**2, axis=0))
+    low, high = VOXEL_SIZE_RANGE
+    for axis, size in enumerate(sizes):
+        if not low <= size <= high:
+            return f"voxel size {size:.6g} mm along voxel axis {axis} is outside [{low}, {high}] mm"
+    singular = np.linalg.svd(linear, compute_uv=False)
+    if singular[-1] < 1e-6 * singular[0]:
+        return "its voxel axes do not span 3D space (the 3x3 part is singular)"
+    return None
+
+
+def _checked_affine(img: Any, path: str) -> np.ndarray:
+    """The voxel-to-world affine of ``img``, checked; a :class:`NiftiError` naming the field.
+
+    nibabel's rule picks the sform when ``sform_code > 0``, else the qform when
+    ``qform_code > 0``, else the voxel sizes (``pixdim``). An sform that is
+    unusable (not finite, voxel sizes outside :data:`VOXEL_SIZE_RANGE`, axes
+    that do not span space) beside a usable qform gives way to the qform, with
+    a warning; with no usable transform the file is an error.
+    """
+    header = img.header
+    if not isinstance(header, nib.Nifti1Header):  # NIfTI-2 headers are Nifti1Headers too
+        affine = np.asarray(img.affine, dtype=np.float64)
+        problem = _affine_problem(affine)
+        if problem:
+            raise _fail(path, f"unusable affine: {problem}")
+        return affine
+    sform_code, qform_code = int(header["sform_code"]), int(header["qform_code"])
+    problems = []
+    if sform_code:
+        sform = header.get_sform()
+        problem = _affine_problem(sform)
+        if problem is None:
+            return np.asarray(sform, dtype=np.float64)
+        problems.append(f"sform (sform_code {sform_code}): {problem}")
+    if qform_code:
+        try:
+            qform = header.get_qform()
+            problem = _affine_problem(qform)
+        except (HeaderDataError, ValueError, FloatingPointError) as err:
+            problem = str(err)
+        if problem is None:
+            if problems:
+                warnings.warn(
+                    f"{path}: {problems[0]}; using the qform (qform_code {qform_code}) instead",
+                    stacklevel=3,
+                )
+            return np.asarray(qform, dtype=np.float64)
+        problems.append(
+            f"qform (qform_code {qform_code}, quatern_b/c/d, qoffset, pixdim): {problem}"
+        )
+    if not problems:
+        base = np.asarray(header.get_base_affine(), dtype=np.float64)
+        problem = _affine_problem(base)
+        if problem is None:
+            return base
+        problems.append(f"pixdim (no sform or qform): {problem}")
+    raise _fail(path, "no usable voxel-to-world transform: " + "; ".join(problems))
 
 
 def _spatial_layout(path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -181,6 +266,22 @@ def _spatial_layout(path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     )
 
 
+def _memory_errors_name_the_file(load: Any) -> Any:
+    """Turn a ``MemoryError`` anywhere in ``load`` into a NiftiError naming the file."""
+
+    @functools.wraps(load)
+    def wrapper(path: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return load(path, *args, **kwargs)
+        except MemoryError as err:
+            raise _fail(
+                path, "too large for the memory at hand (the file itself may be fine)"
+            ) from err
+
+    return wrapper
+
+
+@_memory_errors_name_the_file
 def load_nifti(
     path: str | os.PathLike,
     *,
@@ -193,7 +294,11 @@ def load_nifti(
     """Read a NIfTI file into a :class:`Volume`.
 
     Args:
-        path: a ``.nii``, ``.nii.gz``, ``.hdr`` or ``.img`` file (NIfTI-1 or NIfTI-2).
+        path: a ``.nii``, ``.nii.gz``, ``.hdr`` or ``.img`` file (NIfTI-1 or NIfTI-2),
+            or a URL that fsspec understands (``s3://``, ``gs://``,
+            ``http(s)://``, ``memory://`` ...; extra ``[cloud]``): the object
+            is fetched whole into a temporary local file and read with the
+            same checks and bounds; ``Volume.path`` is then the URL.
         canonical: reorient the voxel axes to RAS+ (axis 0 left->right,
             1 posterior->anterior, 2 inferior->superior) with flips and
             transposes only. ``False`` keeps the file's voxel order.
@@ -235,7 +340,16 @@ def load_nifti(
     >>> vol.shape, vol.spacing, vol.axcodes             # doctest: +SKIP
     ((176, 256, 256, 1), (1.0, 1.0, 1.0), ('R', 'A', 'S'))
     """
-    path = os.fspath(path)
+    path = remote.local_path(os.fspath(path))
+    if remote.is_url(path):
+        return _load_url(
+            path,
+            canonical=canonical,
+            dtype=dtype,
+            nonfinite=nonfinite,
+            spacing=spacing,
+            interpolation=interpolation,
+        )
     dtype = np.dtype(dtype)
     if dtype.kind not in "fiub":
         raise ValueError(f"dtype must be a float, integer or bool dtype, got {dtype}")
@@ -254,6 +368,7 @@ def load_nifti(
     layout = _spatial_layout(path, shape)
     if 0 in shape:
         raise _fail(path, f"empty volume: its header says the data shape is {shape}")
+    affine = _checked_affine(img, path)
 
     on_disk = img.get_data_dtype()
     if on_disk.kind not in "fiub":
@@ -263,15 +378,22 @@ def load_nifti(
             "types are not volumes of real numbers)",
         )
     slope, inter = img.dataobj.slope, img.dataobj.inter
-    exact_ints = on_disk.kind in "iub" and np.isfinite(slope) and np.isfinite(inter)
     work = dtype if dtype.kind == "f" else np.dtype("float64")
     if dtype.kind == "f" and dtype.itemsize < 4:
         work = np.dtype("float32")
+    # integers scaled by finite factors are finite, unless they overflow ``work``
+    exact_ints = on_disk.kind in "iub" and _scaled_range_is_finite(on_disk, slope, inter, work)
     try:
-        data = np.asarray(_data_proxy(img, path).__array__(work))
-    except MemoryError:
+        # overflow to inf in scaling is counted below, under the nonfinite policy
+        with np.errstate(over="ignore", invalid="ignore"):
+            data = np.asarray(_data_proxy(img, path, work).__array__(work))
+            if data.dtype != work:  # nibabel widens for large scale factors
+                data = data.astype(work)
+    except NiftiError:
         raise
-    except Exception as err:  # nibabel/gzip/numpy report damage in many ways
+    except MemoryError as err:
+        raise _fail(path, "too large for the memory at hand (the file itself may be fine)") from err
+    except Exception as err:  # nibabel/numpy report damage in many ways
         raise _fail(
             path,
             f"data cannot be read: truncated, corrupt, or smaller than its header says "
@@ -311,7 +433,6 @@ def load_nifti(
         data = data != 0
     data = data.astype(dtype, copy=False)
 
-    affine = np.asarray(img.affine, dtype=np.float64)
     if canonical:
         transform = ornt_tools.ornt_transform(ornt_tools.io_orientation(affine), _RAS)
         data = ornt_tools.apply_orientation(data, transform)
@@ -336,60 +457,76 @@ def load_nifti(
         array=data,
         affine=array_affine,
         header=header,
-        path=path,
+        path=os.path.abspath(path),  # chdir-safe
         source_affine=affine,
         source_shape=shape,
         orientation=transform,
         resampling=resampling,
+        source_files=tuple(
+            key
+            for key in (storage.identity(path), storage.identity(img.file_map["image"].filename))
+            if key is not None
+        ),
     )
 
 
-#: ``.nii.gz`` files holding at most this many bytes of voxel data are
-#: decompressed in one zlib call (see :func:`_data_proxy`): while they are
-#: read, the compressed file, the decoded bytes and the array are all in
-#: memory (about 2.5x the array, against 1x for nibabel's streaming), so
-#: larger files (long 4D series) are streamed by nibabel
-_ONE_CALL_GUNZIP_MAX_BYTES = 256 << 20
+def _scaled_range_is_finite(on_disk: np.dtype, slope: float, inter: float, work: np.dtype) -> bool:
+    """Whether every value of ``on_disk`` integers, scaled, is finite in ``work``."""
+    if not (np.isfinite(slope) and np.isfinite(inter)):
+        return False
+    info = np.iinfo(np.uint8 if on_disk.kind == "b" else on_disk)
+    largest = max(abs(int(info.min)), abs(int(info.max))) * abs(float(slope)) + abs(float(inter))
+    return largest < float(np.finfo(work).max)
 
 
-def _data_proxy(img: Any, path: str) -> Any:
-    """The array proxy to read ``img``'s data through.
+def _data_proxy(img: Any, path: str, work: np.dtype) -> Any:
+    """The array proxy to read ``img``'s data through, once the file is known to hold it.
 
-    nibabel reads a ``.nii.gz`` through :mod:`gzip`, whose reader decompresses
-    in small blocks with Python-level work around each: ~13.9 ms for a 128^3
-    float32 phantom on this project's 2-core CI machine, against ~11.5 ms
-    for one :func:`zlib.decompress` call on the whole file (it checks the
-    CRC and length too). So a single-file ``.nii.gz`` is decompressed in
-    one call, and nibabel's own :class:`~nibabel.arrayproxy.ArrayProxy`,
-    with the shape, dtype, offset and scaling of the image's proxy, reads
-    the bytes in memory: values, dtype and scaling are nibabel's by
-    construction. Anything else (``.nii``, pairs, very large files) and any
-    stream that zlib cannot decode whole (truncated, corrupt, shorter than
-    the header says) goes through the image's proxy as nibabel opened it,
-    so that its errors are nibabel's.
+    Before anything is allocated, the file must be large enough for the data
+    its header describes, and the memory at hand must be enough to read it:
+    a 2 KB file whose header claims 1000^3 voxels fails at once.
+
+    nibabel reads a ``.nii.gz`` through :mod:`gzip`, which decompresses in
+    small blocks with Python-level work around each, reads as many bytes as
+    the header asks for (zero-filling them first, however many that is), and
+    does not check the CRC. So a gzip-compressed data file is inflated here,
+    by :func:`keras_nii.storage.gunzip_head`: in a few calls, no further than
+    the header needs (a decompression bomb is not inflated), its CRC and
+    length checked; nibabel's own :class:`~nibabel.arrayproxy.ArrayProxy`,
+    with the shape, dtype, offset and scaling of the image's proxy, then reads
+    the bytes in memory, so values, dtype and scaling are nibabel's by
+    construction. Uncompressed files go through the image's proxy as nibabel
+    opened it.
     """
     proxy = img.dataobj
+    n_voxels = math.prod(img.shape)
+    out_bytes = n_voxels * work.itemsize
     image_file = img.file_map["image"].filename
-    if not (
-        isinstance(proxy, ArrayProxy)
-        and isinstance(image_file, str)
-        and image_file.lower().endswith(".gz")
-        and os.path.abspath(image_file) == os.path.abspath(path)
-    ):
+    if not (isinstance(proxy, ArrayProxy) and isinstance(image_file, str)):
+        storage.check_memory(path, out_bytes, f"{n_voxels} voxels as {work.name}")
         return proxy
-    end = int(proxy.offset) + proxy.dtype.itemsize * math.prod(proxy.shape)
-    if end > _ONE_CALL_GUNZIP_MAX_BYTES:
+    data_bytes = n_voxels * proxy.dtype.itemsize
+    end = int(proxy.offset) + data_bytes
+    scaled = proxy.dtype != work or proxy.slope != 1 or proxy.inter != 0
+    what = f"{n_voxels} voxels of {proxy.dtype.name}" + (f" as {work.name}" if scaled else "")
+    if not image_file.lower().endswith(".gz"):
+        size = storage.regular_file(image_file, "NIfTI file").st_size
+        if size < end:
+            where = "" if os.path.samefile(image_file, path) else f" ({image_file})"
+            raise _fail(
+                path,
+                f"truncated or smaller than its header says: the data file{where} holds "
+                f"{size} bytes, the header describes {end} ({data_bytes} bytes of voxel data "
+                f"from offset {int(proxy.offset)})",
+            )
+        storage.check_memory(path, out_bytes, what)
         return proxy
-    try:
-        with open(path, "rb") as file:
-            # bufsize = the exact size: one output buffer, no final join copy
-            decoded = zlib.decompress(file.read(), wbits=31, bufsize=max(end, 1))
-    except (OSError, zlib.error):
-        return proxy
-    if len(decoded) < end:
-        return proxy
+    # besides the inflated bytes: nibabel's copy of the voxel data, the scaled array
+    decoded = storage.gunzip_head(
+        image_file, end, memory=data_bytes + (out_bytes if scaled else 0), what=what
+    )
     spec = (proxy.shape, proxy.dtype, proxy.offset, proxy.slope, proxy.inter)
-    return ArrayProxy(io.BytesIO(decoded), spec, mmap=False, order=proxy.order)
+    return ArrayProxy(storage.MemoryFile(decoded), spec, mmap=False, order=proxy.order)
 
 
 def _maps_a_file(array: np.ndarray) -> bool:
@@ -400,21 +537,6 @@ def _maps_a_file(array: np.ndarray) -> bool:
             return True
         base = getattr(base, "base", None)
     return False
-
-
-def _same_file(a: str, b: str) -> bool:
-    if os.path.exists(a) and os.path.exists(b):
-        return os.path.samefile(a, b)
-    return os.path.abspath(a) == os.path.abspath(b)
-
-
-def _pair_paths(path: str) -> list[str]:
-    """A file and, for an Analyze-style pair, its twin."""
-    lower = path.lower()
-    for one, other in ((".hdr", ".img"), (".img", ".hdr")):
-        if lower.endswith(one):
-            return [path, path[: -len(one)] + other]
-    return [path]
 
 
 def _requantize(data: np.ndarray, header: Any) -> tuple[np.ndarray, float, float] | None:
@@ -442,6 +564,43 @@ def _requantize(data: np.ndarray, header: Any) -> tuple[np.ndarray, float, float
     return raw.astype(on_disk), slope, inter
 
 
+def _load_url(url: str, *, cache: str | None = None, **kwargs: Any) -> Volume:
+    """:func:`load_nifti` of a URL: the object (and its pair twin) fetched whole
+    into a local file (in ``cache``, or a temporary folder removed afterwards),
+    read with every check of a local file, errors naming the URL."""
+    with tempfile.TemporaryDirectory(prefix="keras-nii-fetch-") as tmp:
+        local = remote.fetch(url, cache or tmp)
+        try:
+            volume = load_nifti(local, **kwargs)
+        except NiftiError as err:
+            raise NiftiError(str(err).replace(local, remote.display(url))) from None
+    # the array is in memory (never a map of the file): the local copy may go
+    return dataclasses.replace(volume, path=url, source_files=())
+
+
+def _save_url(array: Any, url: str, like: Volume | None, **kwargs: Any) -> str:
+    """:func:`save_nifti` to a URL: written to a finished local file (and twin)
+    first, then uploaded as whole objects, so no partial object is visible."""
+    if like is not None and like.path is not None:
+        source = remote.overwritten_url(url, [like.path])
+        if source is not None:
+            raise ValueError(
+                f"refusing to write {remote.display(url)}: it would overwrite "
+                f"{remote.display(source)}, the source file of like="
+            )
+    if like is not None and remote.is_url(like.path or ""):
+        like = dataclasses.replace(like, path=None, source_files=())
+    name = remote.basename(url)
+    with tempfile.TemporaryDirectory(prefix="keras-nii-upload-") as tmp:
+        local = os.path.join(tmp, name)
+        save_nifti(array, local, like=like, **kwargs)
+        twin = storage.pair_twin(local)
+        files = [local] if twin is None else [local, twin]
+        urls = [url] if twin is None else [url, remote.twin(url)]
+        remote.upload(files, urls)
+    return url
+
+
 def save_nifti(
     array: Any,
     path: str | os.PathLike,
@@ -450,7 +609,7 @@ def save_nifti(
     affine: np.ndarray | None = None,
     dtype: str | np.dtype | None = None,
     interpolation: str | None = None,
-) -> Path:
+) -> Path | str:
     """Write an array as a NIfTI file.
 
     Args:
@@ -458,7 +617,10 @@ def save_nifti(
             ``np.asarray`` takes, such as a tensor). A single channel is
             written as a 3D volume, several as a 4D one.
         path: where to write; the suffix picks the format (``.nii``,
-            ``.nii.gz``, or a ``.hdr``/``.img`` pair).
+            ``.nii.gz``, or a ``.hdr``/``.img`` pair). A URL that fsspec
+            understands (``s3://``, ``gs://``, ``memory://`` ...; extra
+            ``[cloud]``) is written as a finished local file first, then
+            uploaded as one whole object (and its twin, for a pair).
         like: a :class:`Volume` from :func:`load_nifti` whose array ``array``
             is laid out like. The reorientation done at load time is undone,
             and the file is written in the source's own voxel order, with its
@@ -479,15 +641,17 @@ def save_nifti(
             ``"nearest"``; ``"linear"`` (default for float arrays).
 
     Returns:
-        The path written.
+        The path written (a ``Path``; the URL as given for a URL).
 
     Raises:
         ValueError: bad arguments (shapes, suffix, writing over the source).
         NiftiError: the file cannot be written.
     """
-    path = os.fspath(path)
+    path = remote.local_path(os.fspath(path))
     if not _has_nifti_suffix(path):
         raise ValueError(f"path must end with one of {NIFTI_SUFFIXES}, got {path!r}")
+    if remote.is_url(path):
+        return _save_url(array, path, like, affine=affine, dtype=dtype, interpolation=interpolation)
     data = np.asarray(array)
     source_rank = None if like is None or like.source_shape is None else len(like.source_shape)
     if data.ndim == 4 and data.shape[-1] == 1 and source_rank in (None, 3):
@@ -522,13 +686,15 @@ def save_nifti(
     if like is not None:
         if affine is not None:
             raise ValueError("pass either like= or affine=, not both")
-        if like.path is not None:
-            for target in _pair_paths(path):
-                for source in _pair_paths(like.path):
-                    if _same_file(target, source):
-                        raise ValueError(
-                            f"refusing to write {path}: it is the source file of like= ({like.path})"
-                        )
+        if like.path is not None or like.source_files:
+            source = storage.overwritten_input(
+                [path], [like.path] if like.path is not None else [], like.source_files
+            )
+            if source is not None:
+                raise ValueError(
+                    f"refusing to write {path}: it would overwrite {source}, the source file "
+                    f"of like= ({like.path})"
+                )
         data = like.to_source(data, interpolation)
         if dtype is None and isinstance(like.header, nib.Nifti1Header):
             scaling = _requantize(data, like.header)
@@ -573,24 +739,26 @@ def save_nifti(
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise NiftiError(f"{path}: cannot write: folder {directory} does not exist")
-    if len(_pair_paths(path)) == 2:
-        try:
-            img.to_filename(path)
-        except OSError as err:
-            raise NiftiError(f"{path}: cannot write: {err}") from err
-        return Path(path)
     # write next to the target, then move into place: a failed write never
-    # leaves a half-written file where a good one was
-    # (nibabel creates the temporary file itself, so it gets the usual
-    # permissions under the umask, not mkstemp's owner-only 0600)
-    suffix = ".nii.gz" if path.lower().endswith(".nii.gz") else ".nii"
+    # leaves a half-written file, or half of a new .hdr/.img pair, where a good
+    # one was (nibabel creates the temporary files itself, so they get the
+    # usual permissions under the umask, not mkstemp's owner-only 0600)
+    twin = storage.pair_twin(path)
+    if twin is not None:
+        suffix = ".hdr"
+    else:
+        suffix = ".nii.gz" if path.lower().endswith(".nii.gz") else ".nii"
     tmp = os.path.join(directory, f".keras-nii-{uuid.uuid4().hex}{suffix}")
+    moves = [(tmp, path)]
+    if twin is not None:
+        moves = [(tmp[: -len(".hdr")] + ".img", path if path.lower().endswith(".img") else twin)]
+        moves.append((tmp, twin if path.lower().endswith(".img") else path))
     try:
         img.to_filename(tmp)
-        os.replace(tmp, path)
+        storage.replace_together(moves)
     except OSError as err:
+        for name, _ in moves:
+            if os.path.exists(name):
+                os.unlink(name)
         raise NiftiError(f"{path}: cannot write: {err}") from err
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return Path(path)

@@ -68,6 +68,7 @@ __all__ = [
     "resample_to_spacing",
     "spacing_grid",
     "resample_axes",
+    "resample_onto",
     "check_spacing",
     "check_interpolation",
     "INTERPOLATIONS",
@@ -80,6 +81,8 @@ INTERPOLATIONS = ("linear", "label", "nearest")
 _EXTENT_TOLERANCE = 1e-3
 #: two spacings closer than this (relative) are the same: that axis is kept as it is
 _SAME_SPACING = 1e-6
+#: largest cross term (relative) of a map between grids that still counts as per-axis
+_PARALLEL_TOLERANCE = 1e-4
 #: bytes of each temporary of a pass (two gathers and their blend stay in cache)
 _BLOCK_BYTES = 1 << 20
 
@@ -294,6 +297,51 @@ def resample_to_spacing(
     return out, how
 
 
+def resample_onto(
+    array: Any,
+    affine: np.ndarray,
+    shape: Sequence[int],
+    target_affine: np.ndarray,
+    *,
+    interpolation: Interpolation | None = None,
+) -> np.ndarray:
+    """Resample an array onto another grid whose voxel axes are parallel to its own.
+
+    Two scans of one session at different resolutions (a 1 mm T1 and a
+    1 x 1 x 3 mm FLAIR, say) share their direction cosines: the map between
+    their grids is a scale and a shift per voxel axis, which
+    :func:`resample_axes` does. A rotation or an axis swap between the two
+    grids is not such a map: that is a ValueError (register the scans first).
+
+    Args:
+        array: ``(x, y, z, ...)`` on the grid of ``affine``.
+        affine: its 4x4 voxel-to-world matrix.
+        shape: ``(x, y, z)`` of the target grid.
+        target_affine: the target grid's 4x4 voxel-to-world matrix.
+        interpolation: as for :func:`resample_to_spacing`.
+
+    Returns:
+        The array on the target grid.
+    """
+    array = np.asarray(array)
+    affine = np.asarray(affine, dtype=np.float64)
+    target_affine = np.asarray(target_affine, dtype=np.float64)
+    for name, value in (("affine", affine), ("target_affine", target_affine)):
+        if value.shape != (4, 4) or not np.all(np.isfinite(value)):
+            raise ValueError(f"{name} must be a finite 4x4 matrix, got {value!r}")
+    index_map = np.linalg.inv(affine) @ target_affine
+    linear = index_map[:3, :3]
+    scale = np.diag(linear).copy()
+    across = np.abs(linear - np.diag(scale)).max()
+    if across > _PARALLEL_TOLERANCE * np.abs(scale).max() or np.any(scale <= 0):
+        raise ValueError(
+            "the two grids' voxel axes are not parallel (the map between them is not a scale "
+            f"and a shift per axis, but\n{np.array2string(linear, precision=4)}): register "
+            "the volumes onto one grid first"
+        )
+    return resample_axes(array, shape, scale, index_map[:3, 3], interpolation=interpolation)
+
+
 # --------------------------------------------------------------------------- #
 # the separable sampler
 # --------------------------------------------------------------------------- #
@@ -506,13 +554,17 @@ def _resample_labels(array: np.ndarray, axes) -> np.ndarray:
         region = total[target_box]
         region += p
         region = best[target_box]
-        wins = p > region
-        region[wins] = p[wins]
-        best_label[target_box][wins] = value
+        # labels come in ascending order: on a tie the smaller one, already there, stays
+        np.copyto(best_label[target_box], value, where=p > region)
+        np.maximum(region, p, out=region)
     # the background's interpolated indicator is one minus the others'
     p_background = np.subtract(1.0, total, out=total)
-    background_wins = (p_background > best) | ((p_background == best) & (background < best_label))
-    best_label[background_wins] = background
+    wins = np.greater(p_background, best) if background > values[0] else None
+    if wins is None:  # the background is the smallest label: it wins ties too
+        wins = np.greater_equal(p_background, best)
+    else:  # ties with a smaller label go to it
+        wins |= (p_background == best) & (best_label > background)
+    np.copyto(best_label, background, where=wins)
     return best_label
 
 

@@ -1,0 +1,381 @@
+"""Deployable artifacts from a Keras model: a SavedModel, an ONNX file, a LiteRT file.
+
+:func:`export_model` writes a model (or a ``.keras`` file) in one of
+:data:`FORMATS`, with its keras-nii preprocessing inside: the normalization
+layers compute in the exported graph, the random layers are the identity
+(they are traced with ``training=False``, so no random op is left), and the
+spatial sizes stay symbolic, so one file serves any window size the network
+accepts. It returns the artifact's :class:`Signature`, read back from the
+file written.
+
+- ``"savedmodel"``: ``model.export(path, format="tf_saved_model")``, a folder
+  served by TensorFlow (``tf.saved_model.load``, TF Serving).
+- ``"onnx"``: ``model.export(path, format="onnx")`` (tf2onnx under
+  TensorFlow, ``torch.onnx`` under PyTorch, jax2onnx under JAX), a ``.onnx``
+  file run by ONNX Runtime, without TensorFlow.
+- ``"litert"``: ``model.export(path, format="litert")`` restricted to LiteRT's
+  builtin ops (no TensorFlow "Flex" kernels, which the LiteRT runtime alone
+  cannot run), a ``.tflite`` file run by the LiteRT interpreter
+  (``ai-edge-litert``). TensorFlow backend only. LiteRT has no 3D pooling
+  kernel: ``MaxPooling3D`` and ``AveragePooling3D`` layers whose strides equal
+  their pool size (a U-Net's) are traced as the same maximum or mean of
+  strided slices, which it has.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["FORMATS", "Signature", "TensorSignature", "export_model", "read_signature"]
+
+FORMATS = ("savedmodel", "onnx", "litert")
+
+_SUFFIXES = {"onnx": ".onnx", "litert": ".tflite"}
+
+
+@dataclass(frozen=True)
+class TensorSignature:
+    """One input or output of an artifact: ``None`` in ``shape`` is a symbolic size."""
+
+    name: str
+    shape: tuple[int | None, ...] | None
+    dtype: str
+
+    def __str__(self) -> str:
+        shape = (
+            "?"
+            if self.shape is None
+            else ", ".join("?" if s is None else str(s) for s in self.shape)
+        )
+        return f"{self.name}: {self.dtype} [{shape}]"
+
+
+@dataclass(frozen=True)
+class Signature:
+    """What an exported artifact takes and returns."""
+
+    format: str
+    path: str
+    inputs: tuple[TensorSignature, ...]
+    outputs: tuple[TensorSignature, ...]
+
+    def lines(self) -> list[str]:
+        """The signature as lines of text, for the ``keras-nii export`` command."""
+        return [f"input  {tensor}" for tensor in self.inputs] + [
+            f"output {tensor}" for tensor in self.outputs
+        ]
+
+
+def format_of(path: str | os.PathLike) -> str:
+    """The format a path's suffix implies: ``.onnx``, ``.tflite``, else a SavedModel folder."""
+    name = os.fspath(path).lower()
+    for fmt, suffix in _SUFFIXES.items():
+        if name.endswith(suffix):
+            return fmt
+    return "savedmodel"
+
+
+def export_model(
+    model: Any,
+    path: str | os.PathLike,
+    format: str | None = None,
+    *,
+    opset: int | None = None,
+    overwrite: bool = False,
+) -> Signature:
+    """Export a Keras model, or a ``.keras`` file, as a deployable artifact.
+
+    Args:
+        model: a ``keras.Model``, or the path of a ``.keras`` file.
+        path: where to write: a folder for ``"savedmodel"``, a ``.onnx`` file
+            for ``"onnx"``, a ``.tflite`` file for ``"litert"``.
+        format: one of :data:`FORMATS`; default from ``path``'s suffix.
+        opset: the ONNX opset (default: the converter's).
+        overwrite: replace an existing ``path`` (never the model's own file).
+
+    Returns:
+        The :class:`Signature` of the written artifact.
+
+    Example:
+
+    ```python
+    signature = keras_nii.export.export_model("model.keras", "model.onnx")
+    print("\\n".join(signature.lines()))
+    ```
+    """
+    path = os.fspath(path)
+    fmt = format_of(path) if format is None else format
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    suffix = _SUFFIXES.get(fmt)
+    if suffix is not None and not path.lower().endswith(suffix):
+        raise ValueError(f"an {fmt} artifact is a {suffix} file, got path {path!r}")
+    if suffix is None and format_of(path) != "savedmodel" or path.lower().endswith(".keras"):
+        raise ValueError(f"a SavedModel is a folder, not a file like {path!r}")
+    if isinstance(model, (str, os.PathLike)):
+        source = os.fspath(model)
+        if os.path.exists(path) and os.path.exists(source) and os.path.samefile(source, path):
+            raise ValueError(f"refusing to write {path}: it is the model being exported")
+        model = _load_keras(source)
+    if os.path.exists(path) and not overwrite:
+        raise ValueError(f"{path} already exists; pass overwrite=True to replace it")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"cannot write {path}: folder {folder} does not exist")
+
+    import keras
+
+    if not isinstance(model, keras.Model):
+        raise ValueError(
+            f"model must be a keras.Model or a .keras file, got {type(model).__name__}"
+        )
+    if fmt == "savedmodel":
+        if os.path.isdir(path):
+            import shutil
+
+            shutil.rmtree(path)
+        model.export(path, format="tf_saved_model", verbose=False)
+    elif fmt == "onnx":
+        _export_onnx(model, path, opset)
+    else:
+        _export_litert(model, path)
+    return read_signature(path, fmt)
+
+
+def _load_keras(path: str) -> Any:
+    if not path.endswith(".keras"):
+        raise ValueError(f"model {path}: expected a .keras file")
+    if not os.path.isfile(path):
+        raise ValueError(f"model {path}: no such file")
+    from keras_nii.inference import load_model
+
+    return load_model(path)
+
+
+def _export_onnx(model: Any, path: str, opset: int | None) -> None:
+    tmp = path + ".partial"
+    try:
+        model.export(
+            tmp,
+            format="onnx",
+            opset_version=opset,
+            input_signature=_input_signature(model),
+            verbose=False,
+        )
+        names = getattr(model, "output_names", None) or [t.name for t in model.outputs]
+        _name_onnx_outputs(tmp, list(names))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _name_onnx_outputs(path: str, names: list[str]) -> None:
+    """Give the graph's outputs the Keras model's output names (tf2onnx's are 'Identity:0')."""
+    import onnx
+
+    model = onnx.load(path)
+    graph = model.graph
+    taken = {v for node in graph.node for v in (*node.input, *node.output)}
+    taken |= {t.name for t in (*graph.input, *graph.initializer)}
+    if len(names) != len(graph.output) or len(set(names)) != len(names) or taken & set(names):
+        return
+    renamed = {out.name: new for out, new in zip(graph.output, names, strict=True)}
+    for node in graph.node:
+        for i, value in enumerate(node.output):
+            node.output[i] = renamed.get(value, value)
+        for i, value in enumerate(node.input):
+            node.input[i] = renamed.get(value, value)
+    for out in graph.output:
+        out.name = renamed[out.name]
+    onnx.save(model, path)
+
+
+def _input_signature(model: Any) -> list:
+    """The model's inputs as specs, ``None`` sizes kept (a loaded model was never called)."""
+    import keras
+
+    specs = [
+        keras.InputSpec(shape=tuple(t.shape), dtype=t.dtype, name=t.name) for t in model.inputs
+    ]
+    return specs if len(specs) == 1 else [specs]
+
+
+def _export_litert(model: Any, path: str) -> None:
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        raise ValueError(
+            "the LiteRT export needs the TensorFlow backend (KERAS_BACKEND=tensorflow); "
+            f"this process runs {keras.backend.backend()}"
+        )
+    import tensorflow as tf
+
+    traced = _with_builtin_pooling(model)
+    try:
+        traced.export(
+            path,
+            format="litert",
+            input_signature=_input_signature(traced),
+            verbose=False,
+            target_spec={"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS]},
+        )
+    except Exception as err:  # the converter's ConverterError lists the ops it could not map
+        missing = re.search(r"TF Select ops: ([^\n]*)", str(err))
+        what = f"TensorFlow ops {missing.group(1)}" if missing else f"{type(err).__name__}: {err}"
+        raise ValueError(
+            f"cannot convert the model to LiteRT with builtin ops only: {what}"[:1000]
+        ) from err
+
+
+def _with_builtin_pooling(model: Any) -> Any:
+    """``model``, or a clone sharing its layers with 3D pooling done by strided slices."""
+    import keras
+
+    pooling = (keras.layers.MaxPooling3D, keras.layers.AveragePooling3D)
+
+    def replaceable(layer: Any) -> bool:
+        return (
+            isinstance(layer, pooling)
+            and tuple(layer.pool_size) == tuple(layer.strides)
+            and layer.padding == "valid"
+        )
+
+    def layers_of(m: Any) -> list:
+        found = []
+        for layer in m.layers:
+            found.append(layer)
+            if isinstance(layer, keras.Model):
+                found.extend(layers_of(layer))
+        return found
+
+    if not any(replaceable(layer) for layer in layers_of(model)):
+        return model
+    if not isinstance(model, (keras.Sequential, keras.Model)) or not hasattr(model, "inputs"):
+        return model
+    return keras.models.clone_model(
+        model,
+        clone_function=lambda layer: _sliced_pooling(layer) if replaceable(layer) else layer,
+        recursive=True,
+    )
+
+
+@functools.cache
+def _sliced_pooling_class() -> type:
+    import keras
+
+    class SlicedPooling3D(keras.layers.Layer):
+        """``MaxPooling3D`` / ``AveragePooling3D`` (strides = pool size, valid padding)
+        as the maximum or mean of strided slices: the same values, in LiteRT builtins."""
+
+        def __init__(self, pooling: Any):
+            super().__init__(name=pooling.name)
+            self.pool = tuple(int(p) for p in pooling.pool_size)
+            self.average = isinstance(pooling, keras.layers.AveragePooling3D)
+            first = pooling.data_format == "channels_first"
+            self.axes = (2, 3, 4) if first else (1, 2, 3)
+
+        def call(self, x: Any) -> Any:
+            import tensorflow as tf
+
+            for axis, k in zip(self.axes, self.pool, strict=True):
+                if k == 1:
+                    continue
+                n = tf.shape(x)[axis]
+                stop = (n // k) * k
+                parts = []
+                for offset in range(k):
+                    index = [slice(None)] * 5
+                    index[axis] = slice(offset, stop, k)
+                    parts.append(x[tuple(index)])
+                x = parts[0]
+                for part in parts[1:]:
+                    x = x + part if self.average else tf.maximum(x, part)
+                if self.average:
+                    x = x / float(k)
+            return x
+
+        def compute_output_shape(self, shape: Sequence) -> tuple:
+            shape = list(shape)
+            for axis, k in zip(self.axes, self.pool, strict=True):
+                shape[axis] = None if shape[axis] is None else shape[axis] // k
+            return tuple(shape)
+
+    return SlicedPooling3D
+
+
+def _sliced_pooling(pooling: Any) -> Any:
+    return _sliced_pooling_class()(pooling)
+
+
+# --------------------------------------------------------------------------- #
+# signatures, read back from the artifact
+
+
+def read_signature(path: str | os.PathLike, format: str | None = None) -> Signature:
+    """The inputs and outputs of an exported artifact, as its runtime sees them."""
+    path = os.fspath(path)
+    fmt = format_of(path) if format is None else format
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: no such file or folder")
+    if fmt == "onnx":
+        inputs, outputs = _onnx_signature(path)
+    elif fmt == "litert":
+        inputs, outputs = _litert_signature(path)
+    elif fmt == "savedmodel":
+        inputs, outputs = _saved_model_signature(path)
+    else:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    return Signature(fmt, str(Path(path)), tuple(inputs), tuple(outputs))
+
+
+def _onnx_signature(path: str) -> tuple[list, list]:
+    from keras_nii.serving import OnnxModel
+
+    model = OnnxModel(path)
+    return model.inputs, model.outputs
+
+
+def _litert_signature(path: str) -> tuple[list, list]:
+    from keras_nii.serving import litert_interpreter
+
+    interpreter = litert_interpreter(path)
+
+    def tensors(details: list) -> list:
+        out = []
+        for d in details:
+            shape = tuple(None if s < 0 else int(s) for s in d["shape_signature"])
+            out.append(TensorSignature(d["name"], shape, _numpy_name(d["dtype"])))
+        return out
+
+    return tensors(interpreter.get_input_details()), tensors(interpreter.get_output_details())
+
+
+def _saved_model_signature(path: str) -> tuple[list, list]:
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(path)
+    signature = loaded.signatures.get("serving_default")
+    if signature is None:
+        raise ValueError(f"{path}: the SavedModel has no 'serving_default' signature")
+    _, kwargs = signature.structured_input_signature
+
+    def tensor(name: str, spec: Any) -> TensorSignature:
+        shape = None if spec.shape.rank is None else tuple(spec.shape.as_list())
+        return TensorSignature(name, shape, spec.dtype.name)
+
+    inputs = [tensor(name, spec) for name, spec in kwargs.items()]
+    outputs = [tensor(name, spec) for name, spec in signature.structured_outputs.items()]
+    return inputs, outputs
+
+
+def _numpy_name(dtype: Any) -> str:
+    import numpy as np
+
+    return np.dtype(dtype).name
