@@ -331,6 +331,24 @@ def test_predict_nifti_with_onnx_equals_keras(shipped, tmp_path, orientation):
     np.testing.assert_array_equal(np.asarray(nib.load(out).dataobj), labels)
 
 
+def test_predict_nifti_with_onnx_pads_to_the_divisor_and_resamples(shipped, tmp_path):
+    # 21 x 26 x 15 voxels: not multiples of the U-Net's 4, in one window; and at 1.5 mm
+    image, _, affine = make_phantom(
+        (21, 26, 15), seed=5, orientation="LPS", spacing=(1.2, 1.0, 1.3)
+    )
+    img = nib.Nifti1Image(image.astype("float32"), affine)
+    nib.save(img, tmp_path / "odd.nii.gz")
+    scan = str(tmp_path / "odd.nii.gz")
+    onnx = OnnxModel(shipped["folder"] / "unet.onnx")
+    assert onnx.size_divisor == (4, 4, 4)  # from the file's metadata
+    for options in [{}, {"spacing": (1.5, 1.5, 1.5)}]:
+        got, want = tmp_path / "onnx.nii.gz", tmp_path / "keras.nii.gz"
+        predict_nifti(onnx, scan, got, output="probabilities", **options)
+        predict_nifti(shipped["model"], scan, want, output="probabilities", **options)
+        assert nib.load(got).shape[:3] == (21, 26, 15)
+        assert_close(nib.load(got).get_fdata(), nib.load(want).get_fdata(), str(options))
+
+
 _SERVE = """
 import json, sys
 import numpy as np, nibabel as nib
