@@ -54,7 +54,24 @@ def _format_number(value: float) -> str:
 
 
 def _info_lines(path: str) -> list[str]:
-    """The description of one NIfTI file, as lines; NiftiError if it is unreadable."""
+    """The description of one NIfTI file (or URL), as lines; NiftiError if it is unreadable."""
+    from keras_nii import remote
+    from keras_nii.storage import NiftiError
+
+    if remote.is_url(path):
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="keras-nii-info-") as tmp:
+            local = remote.fetch(path, tmp)
+            try:
+                lines = _file_info_lines(local)
+            except NiftiError as err:
+                raise NiftiError(str(err).replace(local, remote.display(path))) from None
+        return [line.replace(local, remote.display(path)) for line in lines]
+    return _file_info_lines(path)
+
+
+def _file_info_lines(path: str) -> list[str]:
     import nibabel as nib
 
     from keras_nii.io import _read_image, load_nifti
@@ -238,19 +255,28 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     # check what can be checked before TensorFlow is imported
     if not os.path.exists(args.model):
         raise CommandError(f"model {args.model}: no such file or folder")
+    from keras_nii import remote
+
+    def exists(path: str) -> bool:
+        return remote.exists(path) if remote.is_url(path) else os.path.exists(path)
+
     for scan in args.inputs:
-        if not os.path.exists(scan):
-            raise CommandError(f"{scan}: no such file")
+        if not exists(scan):
+            raise CommandError(f"{remote.display(scan)}: no such file")
     if not args.output_path.lower().endswith(NIFTI_SUFFIXES):
         raise CommandError(
             f"output {args.output_path} must end with one of {', '.join(NIFTI_SUFFIXES)}"
         )
     for scan in args.inputs:
-        if os.path.abspath(scan) == os.path.abspath(args.output_path) or (
-            os.path.exists(args.output_path) and os.path.samefile(scan, args.output_path)
-        ):
+        if remote.is_url(scan) or remote.is_url(args.output_path):
+            same = remote.overwritten_url(args.output_path, [scan]) is not None
+        else:
+            same = os.path.abspath(scan) == os.path.abspath(args.output_path) or (
+                os.path.exists(args.output_path) and os.path.samefile(scan, args.output_path)
+            )
+        if same:
             raise CommandError(f"refusing to write {args.output_path}: it is an input scan")
-    if os.path.exists(args.output_path) and not args.overwrite:
+    if exists(args.output_path) and not args.overwrite:
         raise CommandError(f"{args.output_path} already exists; pass --overwrite to replace it")
     if args.patch_size is not None and min(args.patch_size) < 1:
         raise CommandError(f"--patch-size must be three positive integers, got {args.patch_size}")

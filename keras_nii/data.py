@@ -13,13 +13,9 @@ This module uses NumPy and ``keras.utils.PyDataset`` only; the model graph
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import numbers
 import os
-import uuid
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,8 +23,11 @@ from typing import Any
 import keras
 import numpy as np
 
+from keras_nii import remote, storage
+from keras_nii.cache import DirectoryCache, MemoryCache, source_fingerprint
 from keras_nii.io import NiftiError, load_nifti
-from keras_nii.spacing import check_spacing
+from keras_nii.sharding import Shard, check_shard, detect_shard, share
+from keras_nii.spacing import check_spacing, resample_onto
 
 __all__ = ["NiftiDataset", "center_crop_or_pad", "NIFTI_FILE_SUFFIXES"]
 
@@ -37,7 +36,6 @@ NIFTI_FILE_SUFFIXES = (".nii.gz", ".nii")
 
 # affines of modalities, and of an image and its mask, must agree this closely (mm)
 _AFFINE_ATOL = 1e-4
-_CACHE_VERSION = "keras-nii-cache-1"
 
 PathLike = str | os.PathLike
 
@@ -228,39 +226,6 @@ def _normalize_cache(cache: Any) -> str | None:
     raise ValueError(f"cache must be None, 'memory' or a directory path, got {cache!r}")
 
 
-def _file_key(path: str, canonical: bool, dtype: str, spacing: Any = None) -> tuple[str, str]:
-    """(readable stem, hash) naming a decoded volume; changes when the file does."""
-    absolute = os.path.abspath(path)
-    try:
-        stat = os.stat(absolute)
-    except OSError:
-        # let load_nifti report the missing file with its usual message
-        load_nifti(absolute)
-        raise
-    token = repr((_CACHE_VERSION, absolute, stat.st_size, stat.st_mtime_ns, canonical, dtype))
-    if spacing is not None:
-        token += repr(("spacing", tuple(spacing)))
-    digest = hashlib.sha256(token.encode()).hexdigest()[:32]
-    name = os.path.basename(absolute)
-    for suffix in NIFTI_FILE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:48]
-    return stem, digest
-
-
-def _atomic_write(final: str, write) -> None:
-    tmp = f"{final}.{uuid.uuid4().hex}.tmp"
-    try:
-        with open(tmp, "xb") as f:
-            write(f)
-        os.replace(tmp, final)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 class NiftiDataset(keras.utils.PyDataset):
     """Batches of NIfTI volumes for ``model.fit``, ``evaluate`` and ``predict``.
 
@@ -292,15 +257,23 @@ class NiftiDataset(keras.utils.PyDataset):
 
     Caching keeps decoded volumes (after reorientation, before cropping):
 
-    - ``cache="memory"``: in a dict, in this process. With
+    - ``cache="memory"``: in this process, at most ``cache_bytes`` of
+      arrays, the least recently used dropped first. With
       ``use_multiprocessing=True`` each worker process has its own short-lived
       copy, so prefer a directory cache there.
     - ``cache=<directory>``: as uncompressed ``.npy`` files plus a small
-      ``.json`` (the affine), written atomically, shared by worker processes
-      and by later runs. Entries are keyed by the file's absolute path, size,
-      modification time, ``canonical``, dtype and ``spacing``, so a changed
-      file is read (and its geometry checked) again, and datasets at two
-      spacings can share a cache folder. Stale entries are not deleted.
+      ``.json`` (the affine, shape, dtype, a CRC-32 of the array, and what the
+      entry was made from), written atomically, shared by worker processes
+      and by later runs. Entries are named by the file's absolute path,
+      ``canonical``, dtype and ``spacing`` (datasets at two spacings can share
+      a cache folder), and each is checked before use (see
+      :mod:`keras_nii.cache`); a damaged entry is read again from the source
+      and replaced.
+
+    Either cache serves an entry only while its source file is the one it was
+    made from (device, inode, size, modification and status-change times, of
+    both files of a ``.hdr``/``.img`` pair), so a changed file is read (and its
+    geometry checked) again, and its old entry dropped or replaced.
 
     Args:
         images: a list of paths (one image per subject), or a list of lists
@@ -315,6 +288,10 @@ class NiftiDataset(keras.utils.PyDataset):
         seed: seed of the shuffling.
         cache: ``None``, ``"memory"`` or a directory (``str`` or
             ``os.PathLike``; created if missing).
+        cache_bytes: the most bytes of arrays that ``cache="memory"`` keeps.
+            Default: a quarter of the memory available when the dataset is
+            made (:func:`keras_nii.storage.available_memory`), 4 GiB when that
+            is unknown.
         canonical: reorient volumes to RAS+ (flips and transposes only).
         spacing: ``(sx, sy, sz)`` in mm (a single number: isotropic; an entry
             ``None`` keeps that axis): resample every volume to this voxel
@@ -322,12 +299,24 @@ class NiftiDataset(keras.utils.PyDataset):
             spacing=...)`` does: images linearly, label maps per label then
             argmax (see :mod:`keras_nii.spacing`). A subject's modalities and
             label map, which share a grid in their files, share the new grid
-            too. Caches hold the resampled volumes. ``None``: no resampling.
+            too; one whose file grid differs from the first modality's but
+            has parallel voxel axes (another resolution or field of view) is
+            resampled from its own grid onto the first modality's new grid.
+            Caches hold the resampled volumes. ``None``: no resampling.
         workers: passed to ``keras.utils.PyDataset``: the number of threads
             or processes that build batches during ``fit``.
         use_multiprocessing: passed to ``keras.utils.PyDataset``: processes
             instead of threads. The dataset is picklable.
         max_queue_size: passed to ``keras.utils.PyDataset``.
+        shard: which subjects this process reads in a multi-process job.
+            ``"auto"`` (default): its share when a ``keras.distribution``
+            distribution is set on the JAX backend with several processes,
+            everything otherwise. ``(index, count)``: share ``index`` of
+            ``count``. ``None``: everything. Every process draws the same
+            global order from ``seed`` and reads every ``count``-th subject of
+            it; the order is padded by repeating subjects so that every
+            process runs the same number of steps. ``batch_size`` is per
+            process: a step's global batch is ``count * batch_size``.
 
     Example:
 
@@ -355,9 +344,11 @@ class NiftiDataset(keras.utils.PyDataset):
         cache: str | os.PathLike | None = None,
         canonical: bool = True,
         spacing: Sequence[float | None] | float | None = None,
+        cache_bytes: int | None = None,
         workers: int = 1,
         use_multiprocessing: bool = False,
         max_queue_size: int = 10,
+        shard: Shard | str | None = "auto",
     ) -> None:
         super().__init__(
             workers=workers, use_multiprocessing=use_multiprocessing, max_queue_size=max_queue_size
@@ -381,7 +372,7 @@ class NiftiDataset(keras.utils.PyDataset):
             for files in self.images
             + [(m,) for m in (self.labels if self.label_kind == "masks" else [])]
             for path in files
-            if not os.path.isfile(path)
+            if not (remote.exists(path) if remote.is_url(path) else os.path.isfile(path))
         ]
         if missing:
             raise NiftiError(
@@ -391,16 +382,30 @@ class NiftiDataset(keras.utils.PyDataset):
         self.cache = _normalize_cache(cache)
         self.canonical = bool(canonical)
         self.spacing = None if spacing is None else check_spacing(spacing)
-        self._memory: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+        if cache_bytes is None:
+            available = storage.available_memory()
+            cache_bytes = 4 << 30 if available is None else available // 4
+        self.cache_bytes = _check_positive_int("cache_bytes", cache_bytes)
+        self._memory = MemoryCache(self.cache_bytes)
+        self._directory = None if self.cache in (None, "memory") else DirectoryCache(self.cache)
         self._rng = np.random.default_rng(seed)
         n = len(self.images)
-        self._order = self._rng.permutation(n) if self.shuffle else np.arange(n)
+        self.shard = check_shard(shard)
+        if self.shuffle and seed is None and isinstance(self.shard, tuple) and self.shard[1] > 1:
+            raise ValueError(
+                f"shard={self.shard} with shuffle=True needs a seed: every process must draw "
+                "the same global order of subjects"
+            )
+        # the epoch's order over all processes; each reads its share (see _order)
+        self._global_order = self._rng.permutation(n) if self.shuffle else np.arange(n)
 
     # ------------------------------------------------------------------ PyDataset
 
     def __len__(self) -> int:
-        """Number of batches: ``ceil(len(images) / batch_size)``."""
-        return math.ceil(len(self.images) / self.batch_size)
+        """Number of batches: ``ceil(len(images) / batch_size)``, or, when
+        sharded over ``count`` processes, ``ceil(ceil(len(images) / count) /
+        batch_size)`` in every process."""
+        return math.ceil(len(self._order) / self.batch_size)
 
     def __getitem__(self, index: int):
         """Batch ``index``: ``x``, or ``(x, y)`` when there are labels."""
@@ -411,7 +416,10 @@ class NiftiDataset(keras.utils.PyDataset):
             index += n_batches
         if not 0 <= index < n_batches:
             raise IndexError(f"batch index {index} out of range for {n_batches} batches")
-        subjects = self._order[index * self.batch_size : (index + 1) * self.batch_size]
+        return self._batch(self._order[index * self.batch_size : (index + 1) * self.batch_size])
+
+    def _batch(self, subjects: np.ndarray):
+        """The batch of these subjects: ``x``, or ``(x, y)`` when there are labels."""
         xs, ys = [], []
         for subject in subjects:
             modalities, y = self._sample(int(subject))
@@ -429,14 +437,84 @@ class NiftiDataset(keras.utils.PyDataset):
     def on_epoch_end(self) -> None:
         """Draw a new subject order (with ``shuffle=True``)."""
         if self.shuffle:
-            self._order = self._rng.permutation(len(self.images))
+            self._global_order = self._rng.permutation(len(self.images))
 
     # ------------------------------------------------------------------ helpers
 
     @property
     def order(self) -> np.ndarray:
-        """The subject indices of this epoch, in batch order (a copy)."""
+        """The subject indices this process reads this epoch, in batch order (a copy)."""
         return self._order.copy()
+
+    def as_grain(
+        self,
+        *,
+        num_epochs: int | None = 1,
+        worker_count: int = 0,
+        worker_buffer_size: int = 1,
+        drop_remainder: bool = False,
+    ) -> Any:
+        """The same feed as a ``grain.DataLoader`` (optional extra ``[grain]``).
+
+        Each record is one subject's sample, read exactly as in this dataset's
+        batches (crop / pad to ``shape``, modalities as channels, label maps,
+        caches); Grain batches ``batch_size`` of them. Grain's sampler draws
+        the order from ``seed`` (a new permutation every epoch with
+        ``shuffle=True``; not the same permutation as the PyDataset's) and, in
+        a multi-process job (``shard``), gives each process an equal share
+        (``grain.sharding.ShardByJaxProcess(drop_remainder=True)``). The
+        loader's iterators are checkpointable: ``state = it.get_state()``
+        after step ``n``, then ``it = iter(loader); it.set_state(state)`` in a
+        new process continues with batch ``n + 1``.
+
+        Args:
+            num_epochs: passes over the data before the iterator ends (``None``:
+                endless). For ``model.fit(loader, epochs=E)`` pass
+                ``num_epochs=E`` and ``steps_per_epoch=len(dataset)``, so the
+                epochs are the sampler's (reshuffled) passes.
+            worker_count: Grain worker processes (0: read in this process).
+            worker_buffer_size: batches each worker prepares ahead.
+            drop_remainder: drop a last, smaller batch of each pass.
+
+        Example:
+
+        ```python
+        ds = NiftiDataset(images, labels, batch_size=2, shape=(96, 96, 96),
+                          shuffle=True, seed=0)
+        loader = ds.as_grain(num_epochs=10, worker_count=4)
+        model.fit(loader, epochs=10, steps_per_epoch=len(ds))
+        ```
+        """
+        from keras_nii.grain import grain_loader
+
+        return grain_loader(
+            self,
+            num_epochs=num_epochs,
+            worker_count=worker_count,
+            worker_buffer_size=worker_buffer_size,
+            drop_remainder=drop_remainder,
+        )
+
+    @property
+    def process_shard(self) -> Shard | None:
+        """``(index, count)`` of the share this process reads, or ``None`` for all.
+
+        ``shard="auto"`` is resolved when asked (a distribution may be set
+        after the dataset is made): see :func:`keras_nii.sharding.detect_shard`.
+        """
+        if self.shard != "auto":
+            return self.shard
+        shard = detect_shard()
+        if shard is not None and self.shuffle and self.seed is None:
+            raise ValueError(
+                f"NiftiDataset is sharded over {shard[1]} processes and shuffles: pass a seed, "
+                "so that every process draws the same global order of subjects"
+            )
+        return shard
+
+    @property
+    def _order(self) -> np.ndarray:
+        return share(self._global_order, self.process_shard)
 
     @classmethod
     def from_folder(
@@ -492,10 +570,12 @@ class NiftiDataset(keras.utils.PyDataset):
     def __getstate__(self) -> dict[str, Any]:
         # a memory cache is not worth copying to a worker process
         state = self.__dict__.copy()
-        state["_memory"] = {}
+        state["_memory"] = MemoryCache(self.cache_bytes)
         return state
 
-    def _load(self, path: str, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    def _load(
+        self, path: str, dtype: str, spacing: Any = "dataset"
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The decoded (reoriented, uncropped) array and affine of one file.
 
         Without a cache the array is load_nifti's, in nibabel's layout: the
@@ -505,47 +585,42 @@ class NiftiDataset(keras.utils.PyDataset):
         straight into the batch (a plain ``np.load`` read each entry into a
         new array first: ~1.5 against ~0.9 ms per 128^3 volume); an entry
         shorter than its header says is not mapped but read again.
+        ``spacing`` is the dataset's unless given (``None``: the file's grid).
         """
+        spacing = self.spacing if isinstance(spacing, str) else spacing
+        if self.cache not in (None, "memory") and remote.is_url(path):
+            # a local copy in the cache folder, named by the URL and the object's
+            # version (ETag ...): a changed object is fetched again, an unchanged
+            # one never is; its decoded entry is then cached like a local file's
+            path = remote.fetch(path, os.path.join(self.cache, "remote"))
         if self.cache is None:
-            vol = load_nifti(path, canonical=self.canonical, dtype=dtype, spacing=self.spacing)
+            vol = load_nifti(path, canonical=self.canonical, dtype=dtype, spacing=spacing)
             return vol.array, vol.affine
-        stem, digest = _file_key(path, self.canonical, dtype, self.spacing)
+        if remote.is_url(path):
+            # the memory cache: an object's fingerprint is its version (ETag ...)
+            fingerprint: tuple = (remote.version(remote.object_info(path)),)
+        else:
+            try:
+                fingerprint = source_fingerprint(path)
+            except OSError:
+                load_nifti(path)  # reports the missing file with its usual message
+                raise
+        settings = (self.canonical, dtype, spacing)
         if self.cache == "memory":
-            hit = self._memory.get((path, digest))
+            key = (path if remote.is_url(path) else os.path.abspath(path), settings)
+            hit = self._memory.get(key, fingerprint)
             if hit is None:
-                vol = load_nifti(path, canonical=self.canonical, dtype=dtype, spacing=self.spacing)
+                vol = load_nifti(path, canonical=self.canonical, dtype=dtype, spacing=spacing)
                 hit = (_c_ordered(vol.array), vol.affine)
-                self._memory[(path, digest)] = hit
+                self._memory.put(key, fingerprint, *hit)
             return hit
-        base = os.path.join(self.cache, f"{stem}-{digest}")
-        try:
-            with open(base + ".json", encoding="utf-8") as f:
-                meta = json.load(f)
-            array = np.load(base + ".npy", mmap_mode="r", allow_pickle=False)
-            affine = np.asarray(meta["affine"], dtype=np.float64).reshape(4, 4)
-            if array.dtype == np.dtype(dtype) and array.ndim == 4:
-                return array, affine
-        except (OSError, ValueError, KeyError, EOFError):
-            pass  # not cached yet, or a damaged entry: read the source again
-        vol = load_nifti(path, canonical=self.canonical, dtype=dtype, spacing=self.spacing)
+        directory = self._directory
+        hit = directory.get(path, settings, fingerprint, dtype)
+        if hit is not None:
+            return hit
+        vol = load_nifti(path, canonical=self.canonical, dtype=dtype, spacing=spacing)
         array = _c_ordered(vol.array)
-        meta = {
-            "source": os.path.abspath(path),
-            "canonical": self.canonical,
-            "spacing": self.spacing,
-            "dtype": dtype,
-            "shape": list(array.shape),
-            "affine": vol.affine.tolist(),
-        }
-        try:
-            # the .json first: an entry counts as cached once its .npy exists
-            _atomic_write(base + ".json", lambda f: f.write(json.dumps(meta).encode()))
-            _atomic_write(base + ".npy", lambda f: np.save(f, array, allow_pickle=False))
-        except OSError as err:
-            warnings.warn(
-                f"NiftiDataset: cannot write the cache entry of {path} in {self.cache}: {err}",
-                stacklevel=2,
-            )
+        directory.put(path, settings, fingerprint, array, vol.affine)
         return array, vol.affine
 
     def _sample(self, subject: int) -> tuple[list[np.ndarray], np.ndarray | None]:
@@ -559,18 +634,32 @@ class NiftiDataset(keras.utils.PyDataset):
             if ref_array is None:
                 ref_array, ref_affine = array, affine
             else:
-                _check_same_grid(
-                    subject, files[0], ref_array, ref_affine, path, array, affine, "modality"
-                )
+                array = self._on_grid(subject, files[0], ref_array, ref_affine, path, array, affine)
             arrays.append(array)
         y = None
         if self.label_kind == "masks":
             mask_path = self.labels[subject]
             y, mask_affine = self._load(mask_path, "int32")
-            _check_same_grid(
-                subject, files[0], ref_array, ref_affine, mask_path, y, mask_affine, "label map"
-            )
+            y = self._on_grid(subject, files[0], ref_array, ref_affine, mask_path, y, mask_affine)
         return arrays, y
+
+    def _on_grid(self, subject, ref_path, ref_array, ref_affine, path, array, affine):
+        """``array`` (of ``path``), checked to be on the first modality's grid. With
+        ``spacing=``, a file whose own grid differs (another resolution, another
+        field of view, parallel voxel axes) is resampled from its own grid onto
+        the first modality's new grid instead: one interpolation, not two."""
+        what = "modality" if array.dtype.kind == "f" else "label map"
+        if self.spacing is None or _same_grid(ref_array, ref_affine, array, affine):
+            _check_same_grid(subject, ref_path, ref_array, ref_affine, path, array, affine, what)
+            return array
+        source, source_affine = self._load(path, array.dtype.name, spacing=None)
+        try:
+            return resample_onto(source, source_affine, ref_array.shape[:3], ref_affine)
+        except ValueError as err:
+            raise NiftiError(
+                f"subject {subject}: the {what} {path} cannot be resampled onto the grid of "
+                f"{ref_path}: {err}"
+            ) from err
 
     def _assemble(
         self, samples: list[list[np.ndarray]], subjects, paths: list[str], dtype: Any
@@ -606,10 +695,14 @@ class NiftiDataset(keras.utils.PyDataset):
         return batch
 
 
-def _check_same_grid(subject, path_a, array_a, affine_a, path_b, array_b, affine_b, what):
-    if array_a.shape[:3] != array_b.shape[:3] or not np.allclose(
+def _same_grid(array_a, affine_a, array_b, affine_b) -> bool:
+    return array_a.shape[:3] == array_b.shape[:3] and np.allclose(
         affine_a, affine_b, rtol=0, atol=_AFFINE_ATOL
-    ):
+    )
+
+
+def _check_same_grid(subject, path_a, array_a, affine_a, path_b, array_b, affine_b, what):
+    if not _same_grid(array_a, affine_a, array_b, affine_b):
         raise NiftiError(
             f"subject {subject}: the {what} {path_b} is not on the same voxel grid as "
             f"{path_a}: spatial shapes {array_b.shape[:3]} vs {array_a.shape[:3]}, affines\n"
@@ -618,16 +711,26 @@ def _check_same_grid(subject, path_a, array_a, affine_a, path_b, array_b, affine
         )
 
 
-def _list_nifti(folder: PathLike, argument: str) -> dict[str, Path]:
-    """{stem: path} of the NIfTI files in a folder, sorted by file name."""
+def _folder_entries(folder: PathLike, argument: str) -> list[tuple[str, Any]]:
+    """(file name, path) of the regular, not hidden files in a folder or, for a
+    URL, of the NIfTI objects directly under it (``path`` is then the URL)."""
+    if remote.is_url(os.fspath(folder)):
+        urls = remote.list_folder(os.fspath(folder), NIFTI_FILE_SUFFIXES)
+        return [(remote.basename(url), url) for url in urls]
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"{argument}: {folder} is not a directory")
-    found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir(), key=lambda p: p.name):
-        name = path.name
-        if name.startswith(".") or not path.is_file():
-            continue
+    return [
+        (path.name, path)
+        for path in folder.iterdir()
+        if not path.name.startswith(".") and path.is_file()
+    ]
+
+
+def _list_nifti(folder: PathLike, argument: str) -> dict[str, Any]:
+    """{stem: path} of the NIfTI files in a folder (or under a URL), sorted by file name."""
+    found: dict[str, Any] = {}
+    for name, path in sorted(_folder_entries(folder, argument), key=lambda entry: entry[0]):
         suffix = next((s for s in NIFTI_FILE_SUFFIXES if name.lower().endswith(s)), None)
         if suffix is None:
             continue
@@ -639,4 +742,4 @@ def _list_nifti(folder: PathLike, argument: str) -> dict[str, Path]:
         found[stem] = path
     if not found:
         raise ValueError(f"{argument}: no .nii or .nii.gz files in {folder}")
-    return dict(sorted(found.items(), key=lambda item: item[1].name))
+    return found

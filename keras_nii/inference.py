@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from keras_nii import remote
 from keras_nii.io import NIFTI_SUFFIXES, NiftiError, Volume, load_nifti, save_nifti
 from keras_nii.storage import overwritten_input
 
@@ -542,6 +543,14 @@ def _output_header(header: Any, result: np.ndarray, output: str, classes: int) -
 def _check_output_path(out_path: str, inputs: Sequence[str]) -> None:
     if not out_path.lower().endswith(NIFTI_SUFFIXES):
         raise ValueError(f"out_path must end with one of {NIFTI_SUFFIXES}, got {out_path!r}")
+    if remote.is_url(out_path):  # an object store: compared as normalized URLs
+        source = remote.overwritten_url(out_path, list(inputs))
+        if source is not None:
+            raise ValueError(
+                f"refusing to write {remote.display(out_path)}: it is an input scan "
+                f"({remote.display(source)})"
+            )
+        return
     folder = os.path.dirname(os.path.abspath(out_path))
     if not os.path.isdir(folder):
         raise NiftiError(f"{out_path}: cannot write: folder {folder} does not exist")

@@ -12,10 +12,12 @@ Everything format-related is nibabel's: scaling comes from ``dataobj``
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import mmap
 import os
+import tempfile
 import uuid
 import warnings
 from dataclasses import dataclass, field
@@ -29,7 +31,7 @@ from nibabel.arrayproxy import ArrayProxy
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
-from keras_nii import storage
+from keras_nii import remote, storage
 from keras_nii.spacing import check_interpolation, check_spacing, resample_to_spacing
 from keras_nii.storage import NiftiError
 
@@ -292,7 +294,11 @@ def load_nifti(
     """Read a NIfTI file into a :class:`Volume`.
 
     Args:
-        path: a ``.nii``, ``.nii.gz``, ``.hdr`` or ``.img`` file (NIfTI-1 or NIfTI-2).
+        path: a ``.nii``, ``.nii.gz``, ``.hdr`` or ``.img`` file (NIfTI-1 or NIfTI-2),
+            or a URL that fsspec understands (``s3://``, ``gs://``,
+            ``http(s)://``, ``memory://`` ...; extra ``[cloud]``): the object
+            is fetched whole into a temporary local file and read with the
+            same checks and bounds; ``Volume.path`` is then the URL.
         canonical: reorient the voxel axes to RAS+ (axis 0 left->right,
             1 posterior->anterior, 2 inferior->superior) with flips and
             transposes only. ``False`` keeps the file's voxel order.
@@ -334,7 +340,16 @@ def load_nifti(
     >>> vol.shape, vol.spacing, vol.axcodes             # doctest: +SKIP
     ((176, 256, 256, 1), (1.0, 1.0, 1.0), ('R', 'A', 'S'))
     """
-    path = os.fspath(path)
+    path = remote.local_path(os.fspath(path))
+    if remote.is_url(path):
+        return _load_url(
+            path,
+            canonical=canonical,
+            dtype=dtype,
+            nonfinite=nonfinite,
+            spacing=spacing,
+            interpolation=interpolation,
+        )
     dtype = np.dtype(dtype)
     if dtype.kind not in "fiub":
         raise ValueError(f"dtype must be a float, integer or bool dtype, got {dtype}")
@@ -549,6 +564,43 @@ def _requantize(data: np.ndarray, header: Any) -> tuple[np.ndarray, float, float
     return raw.astype(on_disk), slope, inter
 
 
+def _load_url(url: str, *, cache: str | None = None, **kwargs: Any) -> Volume:
+    """:func:`load_nifti` of a URL: the object (and its pair twin) fetched whole
+    into a local file (in ``cache``, or a temporary folder removed afterwards),
+    read with every check of a local file, errors naming the URL."""
+    with tempfile.TemporaryDirectory(prefix="keras-nii-fetch-") as tmp:
+        local = remote.fetch(url, cache or tmp)
+        try:
+            volume = load_nifti(local, **kwargs)
+        except NiftiError as err:
+            raise NiftiError(str(err).replace(local, remote.display(url))) from None
+    # the array is in memory (never a map of the file): the local copy may go
+    return dataclasses.replace(volume, path=url, source_files=())
+
+
+def _save_url(array: Any, url: str, like: Volume | None, **kwargs: Any) -> str:
+    """:func:`save_nifti` to a URL: written to a finished local file (and twin)
+    first, then uploaded as whole objects, so no partial object is visible."""
+    if like is not None and like.path is not None:
+        source = remote.overwritten_url(url, [like.path])
+        if source is not None:
+            raise ValueError(
+                f"refusing to write {remote.display(url)}: it would overwrite "
+                f"{remote.display(source)}, the source file of like="
+            )
+    if like is not None and remote.is_url(like.path or ""):
+        like = dataclasses.replace(like, path=None, source_files=())
+    name = remote.basename(url)
+    with tempfile.TemporaryDirectory(prefix="keras-nii-upload-") as tmp:
+        local = os.path.join(tmp, name)
+        save_nifti(array, local, like=like, **kwargs)
+        twin = storage.pair_twin(local)
+        files = [local] if twin is None else [local, twin]
+        urls = [url] if twin is None else [url, remote.twin(url)]
+        remote.upload(files, urls)
+    return url
+
+
 def save_nifti(
     array: Any,
     path: str | os.PathLike,
@@ -557,7 +609,7 @@ def save_nifti(
     affine: np.ndarray | None = None,
     dtype: str | np.dtype | None = None,
     interpolation: str | None = None,
-) -> Path:
+) -> Path | str:
     """Write an array as a NIfTI file.
 
     Args:
@@ -565,7 +617,10 @@ def save_nifti(
             ``np.asarray`` takes, such as a tensor). A single channel is
             written as a 3D volume, several as a 4D one.
         path: where to write; the suffix picks the format (``.nii``,
-            ``.nii.gz``, or a ``.hdr``/``.img`` pair).
+            ``.nii.gz``, or a ``.hdr``/``.img`` pair). A URL that fsspec
+            understands (``s3://``, ``gs://``, ``memory://`` ...; extra
+            ``[cloud]``) is written as a finished local file first, then
+            uploaded as one whole object (and its twin, for a pair).
         like: a :class:`Volume` from :func:`load_nifti` whose array ``array``
             is laid out like. The reorientation done at load time is undone,
             and the file is written in the source's own voxel order, with its
@@ -586,15 +641,17 @@ def save_nifti(
             ``"nearest"``; ``"linear"`` (default for float arrays).
 
     Returns:
-        The path written.
+        The path written (a ``Path``; the URL as given for a URL).
 
     Raises:
         ValueError: bad arguments (shapes, suffix, writing over the source).
         NiftiError: the file cannot be written.
     """
-    path = os.fspath(path)
+    path = remote.local_path(os.fspath(path))
     if not _has_nifti_suffix(path):
         raise ValueError(f"path must end with one of {NIFTI_SUFFIXES}, got {path!r}")
+    if remote.is_url(path):
+        return _save_url(array, path, like, affine=affine, dtype=dtype, interpolation=interpolation)
     data = np.asarray(array)
     source_rank = None if like is None or like.source_shape is None else len(like.source_shape)
     if data.ndim == 4 and data.shape[-1] == 1 and source_rank in (None, 3):

@@ -36,7 +36,7 @@ from nibabel import orientations as ornt_tools
 
 from keras_nii.io import Volume, save_nifti
 
-__all__ = ["make_phantom", "make_dataset", "ORIENTATIONS"]
+__all__ = ["make_phantom", "make_dataset", "make_ct_phantom", "make_ct_dataset", "ORIENTATIONS"]
 
 #: The named orientations; any other 3-letter axis code string such as
 #: ``"LIA"`` is accepted too.
@@ -515,6 +515,213 @@ def make_dataset(
             _write(quantized, image_path, affine, slope)
         else:
             _write(image, image_path, affine)
+        _write(label, label_path, affine)
+        pairs.append((image_path, label_path))
+    return pairs
+
+
+# --------------------------------------------------------------------------- #
+# CT-like abdominal scans (a Decathlon-like task)
+# --------------------------------------------------------------------------- #
+
+#: Hounsfield units of the CT-like phantoms (before texture and noise).
+CT_AIR = -1000.0
+CT_BODY = -60.0  # fat and soft tissue
+CT_ORGAN = 120.0  # an enhancing organ (liver-like)
+CT_LESION = 40.0  # a hypodense lesion inside it
+CT_NOISE_STD = 12.0
+#: The most of a scan's voxels that its lesions may take.
+CT_LESION_MAX_FRACTION = 1e-3
+
+
+def make_ct_phantom(
+    shape: Sequence[int] = (192, 192, 80),
+    *,
+    spacing: Sequence[float] = (0.8, 0.8, 3.0),
+    orientation: str = "RAS",
+    seed: SeedLike = None,
+    n_lesions: int | Sequence[int] = (1, 2),
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One CT-like abdominal scan: air, a body, an organ and small lesions, in HU.
+
+    The anatomy lives in world space (mm), centred on the grid's centre: an
+    elliptic-cylinder body filling about 80 % of the in-plane field of view,
+    an ellipsoid organ in it (semi-axes about 25-35 % of the in-plane field
+    of view, 40-80 mm along z), and 1-2 spherical lesions inside the organ
+    whose total volume stays under ``CT_LESION_MAX_FRACTION`` of the scan.
+    The grid is stored in the voxel order of ``orientation`` (``"oblique"``:
+    axes rotated as in :func:`make_phantom`), so the same anatomy is seen
+    through differently oriented and spaced grids. Intensities: air -1000,
+    body about -60, organ about 120, lesions about 40 HU, each with a smooth
+    texture, plus Gaussian noise of 12 HU inside the body.
+
+    Returns:
+        ``(image, label, affine)``: float32 HU, uint8 labels (0 background,
+        1 organ, 2 lesion) in the stored voxel order, and the affine.
+    """
+    shape = _parse_shape(shape)
+    spacing = _parse_spacing(spacing)
+    bounds = _parse_n_lesions(n_lesions)
+    codes = _parse_orientation(orientation)
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = -np.asarray(spacing) * (np.asarray(shape) - 1) / 2.0
+    if codes is None:
+        affine = _rotation_degrees(OBLIQUE_DEGREES) @ affine
+    else:
+        # the stored axes follow `codes`: flip / permute the RAS grid's axes
+        target = ornt_tools.axcodes2ornt(codes)
+        linear = np.zeros((3, 3))
+        for axis, (world_axis, flip) in enumerate(target):
+            linear[int(world_axis), axis] = flip * spacing[axis]
+        affine = np.eye(4)
+        affine[:3, :3] = linear
+        affine[:3, 3] = -linear @ ((np.asarray(shape) - 1) / 2.0)
+
+    # world coordinates (mm) of every voxel centre, axis by axis (separable)
+    ijk = [np.arange(n, dtype=np.float32) for n in shape]
+    world = [
+        affine[r, 0] * ijk[0][:, None, None]
+        + affine[r, 1] * ijk[1][None, :, None]
+        + affine[r, 2] * ijk[2][None, None, :]
+        + np.float32(affine[r, 3])
+        for r in range(3)
+    ]
+    x, y, z = world
+    fov = np.abs(affine[:3, :3]) @ np.asarray(shape, dtype=np.float64)  # world extent
+    half_x, half_y, half_z = fov / 2.0
+
+    body_axes = np.array([half_x, half_y]) * rng.uniform(0.72, 0.85, size=2)
+    body = (x / body_axes[0]) ** 2 + (y / body_axes[1]) ** 2 <= 1.0
+    organ_semi = np.array(
+        [
+            half_x * rng.uniform(0.25, 0.35),
+            half_y * rng.uniform(0.25, 0.35),
+            min(rng.uniform(40.0, 80.0), 0.8 * half_z),
+        ]
+    )
+    organ_centre = np.array(
+        [
+            rng.uniform(-0.3, 0.3) * (body_axes[0] - organ_semi[0]),
+            rng.uniform(-0.3, 0.3) * (body_axes[1] - organ_semi[1]),
+            rng.uniform(-0.3, 0.3) * max(half_z - organ_semi[2], 0.0),
+        ]
+    )
+    rel = [(c - organ_centre[k]) / organ_semi[k] for k, c in enumerate(world)]
+    organ_r2 = rel[0] ** 2 + rel[1] ** 2 + rel[2] ** 2
+    organ = (organ_r2 <= 1.0) & body
+
+    texture = _smooth_texture(rng, [_normalized_coords(n) for n in shape], 6)
+    image = np.full(shape, CT_AIR, dtype=np.float32)
+    image[body] = CT_BODY + 25.0 * texture[body]
+    image[organ] = CT_ORGAN + 10.0 * texture[organ]
+    label = np.zeros(shape, dtype=np.uint8)
+    label[organ] = 1
+
+    n = int(rng.integers(bounds[0], bounds[1] + 1))
+    scan_mm3 = float(np.prod(shape)) * float(np.prod(spacing))
+    budget = CT_LESION_MAX_FRACTION * scan_mm3 * 0.8 / max(n, 1)  # mm^3 per lesion
+    voxel_mm3 = float(np.prod(spacing))
+    for _ in range(n):
+        radius = min(rng.uniform(6.0, 12.0), (3.0 * budget / (4.0 * np.pi)) ** (1.0 / 3.0))
+        radius = max(radius, 1.2 * voxel_mm3 ** (1.0 / 3.0))
+        # a centre well inside the organ (in organ-scaled units)
+        direction = rng.normal(size=3)
+        direction /= np.linalg.norm(direction)
+        depth = rng.uniform(0.0, 0.5)
+        room = np.maximum(organ_semi - radius, 0.0)
+        centre = organ_centre + direction * depth * room
+        d2 = sum((c - centre[k]) ** 2 for k, c in enumerate(world))
+        lesion = (d2 <= radius**2) & organ
+        image[lesion] = CT_LESION + 8.0 * texture[lesion]
+        label[lesion] = 2
+
+    image += np.where(body, rng.normal(0.0, CT_NOISE_STD, size=shape), 0.0).astype(np.float32)
+    return (
+        np.ascontiguousarray(image, dtype=np.float32),
+        label,
+        np.asarray(affine, dtype=np.float64),
+    )
+
+
+def make_ct_dataset(
+    folder: str | os.PathLike,
+    n: int,
+    *,
+    seed: int = 0,
+    in_plane: tuple[int, int] = (160, 260),
+    slices: tuple[int, int] = (60, 150),
+    in_plane_spacing: tuple[float, float] = (0.6, 0.9),
+    slice_spacing: tuple[float, float] = (1.5, 5.0),
+    orientations: Sequence[str] = ("RAS", "LPS", "oblique"),
+    overwrite: bool = False,
+) -> list[tuple[Path, Path]]:
+    """Write ``n`` CT-like cases (a Medical-Segmentation-Decathlon-like task).
+
+    Every case has its own shape (in-plane size and slice count drawn from
+    ``in_plane`` and ``slices``) and anisotropic spacing (in-plane from
+    ``in_plane_spacing``, slices from ``slice_spacing``, mm), and the
+    orientations cycle through ``orientations``. Images are stored as int16
+    with ``scl_slope = 1`` and ``scl_inter = -1024`` (raw = HU + 1024, as
+    scanners store CT), labels as uint8 (0 background, 1 organ, 2 lesion),
+    in ``folder/images/case_XXX.nii.gz`` and ``folder/labels/case_XXX.nii.gz``.
+    The same ``seed`` gives the same files.
+
+    Returns:
+        ``[(image_path, label_path), ...]`` in case order.
+    """
+    if not isinstance(n, int | np.integer) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    if not isinstance(seed, int | np.integer) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    for name, (lo, hi) in (
+        ("in_plane", in_plane),
+        ("slices", slices),
+        ("in_plane_spacing", in_plane_spacing),
+        ("slice_spacing", slice_spacing),
+    ):
+        if not 0 < lo <= hi:
+            raise ValueError(f"{name} must be a range (low, high) with 0 < low <= high")
+    folder = Path(folder)
+    subfolders = [folder / "images", folder / "labels"]
+    existing = [
+        p for sub in subfolders if sub.is_dir() for p in sub.iterdir() if _CASE_FILE.match(p.name)
+    ]
+    if existing and not overwrite:
+        raise ValueError(
+            f"folder {folder} already holds {len(existing)} case file(s); pass overwrite=True"
+        )
+    for sub in subfolders:
+        sub.mkdir(parents=True, exist_ok=True)
+    for old in existing:
+        old.unlink()
+    pairs = []
+    for i in range(int(n)):
+        rng = np.random.default_rng([int(seed), 7919, i])
+        side = int(rng.integers(in_plane[0], in_plane[1] + 1))
+        shape = (
+            side,
+            int(side * rng.uniform(0.9, 1.0)),
+            int(rng.integers(slices[0], slices[1] + 1)),
+        )
+        row = float(np.round(rng.uniform(*in_plane_spacing), 3))
+        spacing = (row, row, float(np.round(rng.uniform(*slice_spacing), 2)))
+        image, label, affine = make_ct_phantom(
+            shape,
+            spacing=spacing,
+            orientation=orientations[i % len(orientations)],
+            seed=rng,
+        )
+        name = f"case_{i:03d}.nii.gz"
+        image_path, label_path = folder / "images" / name, folder / "labels" / name
+        header = _header(np.dtype(np.int16), affine)
+        header.set_slope_inter(1.0, -1024.0)
+        raw = np.clip(np.rint(image + 1024.0), -32768, 32767).astype(np.int16)
+        like = Volume(
+            array=raw, affine=affine, header=header, source_affine=affine, source_shape=shape
+        )
+        save_nifti(raw.astype(np.float32) - 1024.0, image_path, like=like)
         _write(label, label_path, affine)
         pairs.append((image_path, label_path))
     return pairs

@@ -107,7 +107,7 @@ def _is_path(value: Any) -> bool:
 
 def _inputs(images: Any, labels: Any) -> list[tuple[str, str | None]]:
     """``(image, label or None)`` pairs from folders or lists of files."""
-    if _is_path(images) and Path(images).is_dir():
+    if _is_path(images):
         found = _list_folder(Path(images), "images")
         if labels is None:
             return [(str(p), None) for p in found.values()]
@@ -129,8 +129,6 @@ def _inputs(images: Any, labels: Any) -> list[tuple[str, str | None]]:
                 + (" ..." if len(orphans) > 5 else "")
             )
         return [(str(found[s]), str(maps[s])) for s in found]
-    if _is_path(images):
-        raise ValueError(f"images must be a folder or a list of NIfTI files, got {images!r}")
     try:
         files = [os.fspath(p) for p in images]
     except TypeError as err:
@@ -425,7 +423,9 @@ class Plan:
             10th percentile, min, max per axis), ``orientations`` (file
             counts per orientation code), ``intensity`` (per channel: the
             foreground's 0.5 / 99.5 percentiles, mean, std, min, max),
-            ``labels`` (voxel count and fraction per label value), ...
+            ``labels`` (voxel count and fraction per label value),
+            ``thick_axes`` (the axes whose *median* spacing is over 3x the
+            finest, which got the 10th percentile), ...
         files: one dict per file with the same figures.
     """
 
@@ -475,7 +475,12 @@ class Plan:
         return layers
 
     def thick_axes(self) -> list[int]:
-        """The axes of ``target_spacing`` over :data:`ANISOTROPY` times its finest axis."""
+        """The axes of ``target_spacing`` over :data:`ANISOTROPY` times its finest axis.
+
+        What :meth:`augmentation_layers` keys on: the data the model trains
+        on may still be anisotropic after resampling (or no longer be, when
+        the 10th percentile brought a thick axis down).
+        """
         finest = min(self.target_spacing)
         return [a for a in range(3) if self.target_spacing[a] > ANISOTROPY * finest]
 

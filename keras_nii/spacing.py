@@ -68,6 +68,7 @@ __all__ = [
     "resample_to_spacing",
     "spacing_grid",
     "resample_axes",
+    "resample_onto",
     "check_spacing",
     "check_interpolation",
     "INTERPOLATIONS",
@@ -80,6 +81,8 @@ INTERPOLATIONS = ("linear", "label", "nearest")
 _EXTENT_TOLERANCE = 1e-3
 #: two spacings closer than this (relative) are the same: that axis is kept as it is
 _SAME_SPACING = 1e-6
+#: largest cross term (relative) of a map between grids that still counts as per-axis
+_PARALLEL_TOLERANCE = 1e-4
 #: bytes of each temporary of a pass (two gathers and their blend stay in cache)
 _BLOCK_BYTES = 1 << 20
 
@@ -292,6 +295,51 @@ def resample_to_spacing(
         interpolation=interpolation,
     )
     return out, how
+
+
+def resample_onto(
+    array: Any,
+    affine: np.ndarray,
+    shape: Sequence[int],
+    target_affine: np.ndarray,
+    *,
+    interpolation: Interpolation | None = None,
+) -> np.ndarray:
+    """Resample an array onto another grid whose voxel axes are parallel to its own.
+
+    Two scans of one session at different resolutions (a 1 mm T1 and a
+    1 x 1 x 3 mm FLAIR, say) share their direction cosines: the map between
+    their grids is a scale and a shift per voxel axis, which
+    :func:`resample_axes` does. A rotation or an axis swap between the two
+    grids is not such a map: that is a ValueError (register the scans first).
+
+    Args:
+        array: ``(x, y, z, ...)`` on the grid of ``affine``.
+        affine: its 4x4 voxel-to-world matrix.
+        shape: ``(x, y, z)`` of the target grid.
+        target_affine: the target grid's 4x4 voxel-to-world matrix.
+        interpolation: as for :func:`resample_to_spacing`.
+
+    Returns:
+        The array on the target grid.
+    """
+    array = np.asarray(array)
+    affine = np.asarray(affine, dtype=np.float64)
+    target_affine = np.asarray(target_affine, dtype=np.float64)
+    for name, value in (("affine", affine), ("target_affine", target_affine)):
+        if value.shape != (4, 4) or not np.all(np.isfinite(value)):
+            raise ValueError(f"{name} must be a finite 4x4 matrix, got {value!r}")
+    index_map = np.linalg.inv(affine) @ target_affine
+    linear = index_map[:3, :3]
+    scale = np.diag(linear).copy()
+    across = np.abs(linear - np.diag(scale)).max()
+    if across > _PARALLEL_TOLERANCE * np.abs(scale).max() or np.any(scale <= 0):
+        raise ValueError(
+            "the two grids' voxel axes are not parallel (the map between them is not a scale "
+            f"and a shift per axis, but\n{np.array2string(linear, precision=4)}): register "
+            "the volumes onto one grid first"
+        )
+    return resample_axes(array, shape, scale, index_map[:3, 3], interpolation=interpolation)
 
 
 # --------------------------------------------------------------------------- #

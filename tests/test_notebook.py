@@ -1,7 +1,8 @@
-"""notebooks/quickstart.ipynb runs from top to bottom without errors."""
+"""The notebooks (quickstart, physical space) run from top to bottom without errors."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ pytest.importorskip("ipykernel")
 pytest.importorskip("matplotlib")
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
+PHYSICAL = NOTEBOOK.with_name("physical_space.ipynb")
 
 
 @pytest.mark.slow
@@ -51,8 +53,35 @@ def test_quickstart_notebook_executes(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_stored_notebook_has_outputs():
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+@pytest.mark.slow
+def test_physical_space_notebook_executes(tmp_path):
+    nb = nbformat.read(PHYSICAL, as_version=4)
+    client = nbclient.NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
+    client.execute()
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    # the plan: median in-plane spacing, the 10th percentile on the thick axis
+    assert "target_spacing   2 x 2 x 3.2 mm (thick axes [2]: 10th percentile)" in text
+    assert "at the target  shape (33, 41, 18)  spacing (2.0, 2.0, 3.2)" in text
+    # the rotation in mm is the true one; in voxels it is not
+    in_mm = float(
+        re.search(r"spacing=\(2, 2, 8\)\s+correlation with the true rotation: ([\d.]+)", text)[1]
+    )
+    voxels = float(
+        re.search(r"voxel units\s+correlation with the true rotation: ([\d.]+)", text)[1]
+    )
+    assert in_mm > 0.8 and voxels < 0.6
+    # the prediction is on the thick scan's own grid, and finds the head
+    assert "prediction (33, 41, 7) LAS | same grid as the scan: True" in text
+    dice = float(re.search(r"Dice against the head mask, on the scan's grid: ([\d.]+)", text)[1])
+    assert dice > 0.7
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("path", [NOTEBOOK, PHYSICAL], ids=lambda p: p.stem)
+def test_stored_notebook_has_outputs(path):
+    nb = nbformat.read(path, as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(c.execution_count for c in code), "the stored notebook must be executed"
     assert not any(o.output_type == "error" for c in code for o in c.outputs)

@@ -494,3 +494,61 @@ def test_augmentation_for_isotropic_data_rotates_about_every_axis(mr_set):
     matrices = _drawn(affine)
     assert np.abs(matrices[:, 2, :2]).max() > 0.1 and np.abs(matrices[:, 0, 1:3]).max() > 0.1
     assert affine.spacing == tuple(plan.target_spacing)
+
+
+def test_channels_of_a_4d_file_each_get_their_figures(tmp_path):
+    # two modalities in one 4D file: CT-like channel 0, another scale in channel 1
+    rng = np.random.default_rng(5)
+    data = np.stack(
+        [rng.normal(40, 10, (10, 12, 8)), rng.normal(500, 50, (10, 12, 8))], axis=-1
+    ).astype(np.float32)
+    data[:3, :, :, 0] = -1000.0
+    data[:3, :, :, 1] = 0.0
+    label = np.zeros((10, 12, 8), np.uint8)
+    label[4:8, 3:9, 2:6] = 1
+    affine = np.diag([1.5, 1.0, 2.0, 1.0])
+    image_path = _save(data, affine, tmp_path / "two.nii.gz")
+    label_path = _save(label, affine, tmp_path / "two_label.nii.gz")
+    plan = fingerprint([image_path], [label_path])
+    assert plan.files[0]["channels"] == 2 and plan.dataset["channels"] == 2
+    for channel in range(2):
+        values = data[..., channel][label != 0].astype(np.float64)
+        figures = plan.dataset["intensity"][channel]
+        np.testing.assert_allclose(
+            [figures["p0.5"], figures["p99.5"], figures["mean"], figures["std"]],
+            [*np.percentile(values, [0.5, 99.5]), values.mean(), values.std()],
+            rtol=1e-5,
+        )
+    assert plan.modality == "ct"  # air in every file (over all channels)
+    assert len(plan.normalization["clip"]) == 2 and len(plan.normalization["mean"]) == 2
+    # one IntensityWindow cannot clip two channels to different windows
+    with pytest.raises(ValueError, match="different clipping windows"):
+        plan.normalization_layers()
+    # images with different channel counts are refused
+    single = _save(data[..., 0], affine, tmp_path / "one.nii.gz")
+    with pytest.raises(ValueError, match="different numbers of channels"):
+        fingerprint([image_path, single])
+
+
+def test_a_missing_folder_is_named(tmp_path):
+    with pytest.raises(ValueError, match="images: .*nowhere is not a directory"):
+        fingerprint(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="images must be a folder or a list"):
+        fingerprint(3)
+
+
+def test_the_ct_phantom_task_is_planned_as_ct(tmp_path):
+    from keras_nii.phantoms import make_ct_dataset
+
+    pairs = make_ct_dataset(
+        tmp_path, 4, seed=2, in_plane=(32, 40), slices=(8, 12), slice_spacing=(3.0, 5.0)
+    )
+    plan = fingerprint(tmp_path / "images", tmp_path / "labels")
+    assert plan.modality == "ct" and plan.normalization["scheme"] == "ct"
+    assert plan.dataset["thick_axes"] == [2]  # 3-5 mm slices, 0.6-0.9 mm in-plane
+    reference = _reference([(str(i), str(lab)) for i, lab in pairs])
+    pooled = np.concatenate([r["values"] for r in reference])
+    np.testing.assert_allclose(plan.normalization["clip"], np.percentile(pooled, [0.5, 99.5]))
+    np.testing.assert_allclose(plan.normalization["mean"], pooled.mean())
+    spacings = np.array([r["spacing"] for r in reference])
+    np.testing.assert_allclose(plan.target_spacing[2], np.percentile(spacings[:, 2], 10))

@@ -12,10 +12,12 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import ndimage
 
 from keras_nii.data import NiftiDataset
-from keras_nii.io import load_nifti, save_nifti
+from keras_nii.io import NiftiError, load_nifti, save_nifti
 from keras_nii.spacing import Resampling, resample_axes, resample_to_spacing, spacing_grid
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -334,3 +336,69 @@ def test_bad_arguments(tmp_path, kwargs, message):
     if "spacing" in kwargs and "interpolation" not in kwargs and "dtype" not in kwargs:
         with pytest.raises(ValueError, match=message):
             NiftiDataset([path], spacing=kwargs["spacing"])
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    shape=st.tuples(*[st.integers(2, 9)] * 3),
+    zooms=st.tuples(*[st.floats(0.4, 4.0)] * 3),
+    spacing=st.tuples(*[st.one_of(st.none(), st.floats(0.4, 4.0))] * 3),
+    axis=st.tuples(*[st.floats(-1.0, 1.0)] * 3).filter(lambda v: np.linalg.norm(v) > 0.1),
+    degrees=st.floats(-180.0, 180.0),
+    flips=st.tuples(*[st.sampled_from([-1.0, 1.0])] * 3),
+)
+def test_property_linear_fields_survive_any_grid(shape, zooms, spacing, axis, degrees, flips):
+    affine = np.eye(4)
+    affine[:3, :3] = rotation(axis, degrees) @ np.diag(np.array(flips) * zooms)
+    affine[:3, 3] = (3.0, -2.0, 1.0)
+    data = linear_field(world_of(affine, shape)).astype(np.float32)
+    out, how = resample_to_spacing(data, affine, spacing)
+    assert out.shape == how.shape
+    kept = [s is None for s in spacing]
+    np.testing.assert_array_equal(np.array(out.shape)[kept], np.array(shape)[kept])
+    world = world_of(how.affine, out.shape)
+    index = source_index(affine, world)
+    inside = np.all((index >= -1e-9) & (index <= np.array(shape) - 1 + 1e-9), axis=-1)
+    tolerance = 8 * EPS32 * max(np.abs(data).max(), 1.0)
+    np.testing.assert_allclose(out[inside], linear_field(world)[inside], rtol=0, atol=tolerance)
+    # the new grid covers the old field of view along every axis
+    extent = np.array(out.shape) * how.scale
+    assert np.all(extent >= np.array(shape) - 1e-3 * how.scale - 1e-9)
+    assert np.all(extent < np.array(shape) + how.scale)
+
+
+def test_dataset_puts_modalities_of_other_resolutions_on_the_first_ones_grid(tmp_path):
+    rng = np.random.default_rng(8)
+    t1_affine = grid_affine("LPS", (1.0, 1.0, 1.0))
+    flair_affine = grid_affine("LPS", (1.0, 1.0, 3.0))
+    flair_affine[:3, 3] += (0.4, -0.3, 1.1)  # another field of view, same directions
+    t1 = write(tmp_path / "t1.nii.gz", rng.normal(size=(16, 14, 18)).astype(np.float32), t1_affine)
+    flair_data = rng.normal(size=(15, 14, 6)).astype(np.float32)
+    flair = write(tmp_path / "flair.nii.gz", flair_data, flair_affine)
+    labels = (rng.random((15, 14, 6)) > 0.7).astype(np.uint8)  # a mask on the FLAIR's grid
+    mask = write(tmp_path / "mask.nii.gz", labels, flair_affine)
+    with pytest.raises(NiftiError, match="not on the same voxel grid"):
+        NiftiDataset([[t1, flair]])[0]
+
+    for cache in (None, "memory", tmp_path / "cache"):
+        x, y = NiftiDataset([[t1, flair]], [mask], spacing=(1.0, 1.0, 1.0), cache=cache)[0]
+        reference = load_nifti(t1, spacing=(1.0, 1.0, 1.0))
+        np.testing.assert_array_equal(x[0, ..., 0], reference.array[..., 0])
+        # the FLAIR and the mask, sampled from their own files at the T1's voxel centres
+        for path, ref_of in ((flair, None), (mask, "labels")):
+            canonical = nib.as_closest_canonical(nib.load(path))
+            source = np.asarray(canonical.dataobj, dtype=np.float64)
+            index = source_index(canonical.affine, world_of(reference.affine, x.shape[1:4]))
+            points = np.moveaxis(index, -1, 0)
+            if ref_of is None:
+                want = ndimage.map_coordinates(source, points, order=1, mode="nearest")
+                np.testing.assert_allclose(x[0, ..., 1], want, atol=1e-5)
+            else:
+                want, decided = label_reference(source.astype(int), points, [0, 1])
+                assert decided.mean() > 0.8
+                np.testing.assert_array_equal(y[0, ..., 0][decided], want[decided])
+
+    tilted = grid_affine("oblique", (1.0, 1.0, 3.0))
+    other = write(tmp_path / "tilted.nii.gz", flair_data, tilted)
+    with pytest.raises(NiftiError, match="cannot be resampled onto the grid of .*not parallel"):
+        NiftiDataset([[t1, other]], spacing=1.0)[0]

@@ -28,7 +28,8 @@ step without augmentation for ``train``), so ``ratio > 1`` means slower than
 keras-nii.
 
 Operations (``--only`` picks some): ``zscore``, ``flip``, ``affine``,
-``elastic``, ``intensity``, ``pipeline``, ``read``, ``train``; see
+``elastic``, ``intensity``, ``pipeline``, ``read``, ``feed`` (one epoch through the
+PyDataset's worker processes and through its Grain loader), ``train``; see
 ``OPERATIONS``, one module of this package each. ``pipeline`` is the usual chain, flip -> random affine ->
 Gaussian noise on image + mask, as one compiled function (for keras-nii) or
 one ``Compose`` (for the peers).
