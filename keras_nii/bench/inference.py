@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -217,6 +218,13 @@ def bench_inference(ctx: Context) -> None:
 
         return setup
 
+    try:
+        _fresh_rows(ctx, runtime, fresh, prepare, onnx_file)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _fresh_rows(ctx: Context, runtime: str, fresh: Any, prepare: Any, onnx_file: Any) -> None:
     for runtime_name, path_of in [
         (runtime, lambda: prepare()["keras"]),
         ("onnxruntime", onnx_file),
