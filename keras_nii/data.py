@@ -505,6 +505,11 @@ class NiftiDataset(keras.utils.PyDataset):
         after step ``n``, then ``it = iter(loader); it.set_state(state)`` in a
         new process continues with batch ``n + 1``.
 
+        With ``patch_size`` the records are the patch stream's batches (a
+        batch mixes the patches of several subjects), epoch by epoch: the
+        loader then yields exactly this dataset's batches of its epochs
+        ``0 .. num_epochs - 1`` (a shuffled patch dataset needs a ``seed``).
+
         Args:
             num_epochs: passes over the data before the iterator ends (``None``:
                 endless). For ``model.fit(loader, epochs=E)`` pass
