@@ -277,7 +277,7 @@ def _checked_affine(img: Any, path: str) -> np.ndarray:
             if problems:
                 warnings.warn(
                     f"{path}: {problems[0]}; using the qform (qform_code {qform_code}) instead",
-                    stacklevel=3,
+                    stacklevel=4,  # _checked_affine, load_nifti, its wrapper, the caller
                 )
             return np.asarray(qform, dtype=np.float64)
         problems.append(
