@@ -284,6 +284,12 @@ class NiftiDataset(keras.utils.PyDataset):
         shape: ``(x, y, z)``: center crop and/or zero pad every volume to
             this spatial shape (see :func:`center_crop_or_pad`). Without it,
             the volumes in one batch must have the same shape.
+        pad_to_multiple: an int, or one per axis ``(x, y, z)``: zero pad every
+            volume (image and label map alike, centred like ``shape``, after
+            it) to the next multiple, for networks that take only such sizes
+            (a :func:`keras_nii.models.unet3d` of ``levels`` poolings:
+            ``2**levels``). With ``batch_size=1`` volumes of any size then
+            train and validate; a batch still needs one shape (``shape=``).
         shuffle: reshuffle the subjects every epoch.
         seed: seed of the shuffling.
         cache: ``None``, ``"memory"`` or a directory (``str`` or
@@ -303,6 +309,22 @@ class NiftiDataset(keras.utils.PyDataset):
             has parallel voxel axes (another resolution or field of view) is
             resampled from its own grid onto the first modality's new grid.
             Caches hold the resampled volumes. ``None``: no resampling.
+        patch_size: ``(px, py, pz)``: yield patches of this shape instead of
+            whole volumes (see :mod:`keras_nii.patches`): every epoch, each
+            subject gives ``patches_per_volume`` windows, the same window cut
+            from its image, modalities and label map, mixed with other
+            subjects' patches in every batch; the volumes may all differ in
+            shape. ``len()`` is ``ceil(subjects * patches_per_volume /
+            batch_size)``, and each request returns the next batch of the
+            epoch's patch stream, whatever its index.
+        patches_per_volume: patches per subject and epoch (with ``patch_size``).
+        label_probabilities: ``{label: weight}`` (or weights indexed by label):
+            centre each patch on a voxel of a class drawn by weight among
+            those the subject holds (with ``patch_size`` and label maps);
+            ``None``: uniform patches.
+        queue_length: patches mixed together: the patches of
+            ``queue_length // patches_per_volume`` subjects at a time are
+            shuffled together (default: ``max(batch_size, 4)`` subjects).
         workers: passed to ``keras.utils.PyDataset``: the number of threads
             or processes that build batches during ``fit``.
         use_multiprocessing: passed to ``keras.utils.PyDataset``: processes
@@ -339,12 +361,17 @@ class NiftiDataset(keras.utils.PyDataset):
         *,
         batch_size: int = 1,
         shape: Sequence[int] | None = None,
+        pad_to_multiple: int | Sequence[int] | None = None,
         shuffle: bool = False,
         seed: int | None = None,
         cache: str | os.PathLike | None = None,
         canonical: bool = True,
         spacing: Sequence[float | None] | float | None = None,
         cache_bytes: int | None = None,
+        patch_size: Sequence[int] | None = None,
+        patches_per_volume: int = 1,
+        label_probabilities: Any = None,
+        queue_length: int | None = None,
         workers: int = 1,
         use_multiprocessing: bool = False,
         max_queue_size: int = 10,
@@ -363,6 +390,7 @@ class NiftiDataset(keras.utils.PyDataset):
                 raise ValueError(f"shape must be None or (x, y, z), got {shape!r}")
             shape = tuple(_check_positive_int("shape", s) for s in shape)
         self.shape = shape
+        self.pad_to_multiple = _check_multiple(pad_to_multiple)
         self.shuffle = bool(shuffle)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
             raise ValueError(f"seed must be None or an integer, got {seed!r}")
@@ -398,13 +426,19 @@ class NiftiDataset(keras.utils.PyDataset):
             )
         # the epoch's order over all processes; each reads its share (see _order)
         self._global_order = self._rng.permutation(n) if self.shuffle else np.arange(n)
+        self._patches = self._patch_queue(
+            patch_size, patches_per_volume, label_probabilities, queue_length
+        )
 
     # ------------------------------------------------------------------ PyDataset
 
     def __len__(self) -> int:
         """Number of batches: ``ceil(len(images) / batch_size)``, or, when
         sharded over ``count`` processes, ``ceil(ceil(len(images) / count) /
-        batch_size)`` in every process."""
+        batch_size)`` in every process; with ``patch_size``, the subjects times
+        ``patches_per_volume`` over ``batch_size``."""
+        if self._patches is not None:
+            return self._patches.num_batches(len(self._order))
         return math.ceil(len(self._order) / self.batch_size)
 
     def __getitem__(self, index: int):
@@ -416,6 +450,8 @@ class NiftiDataset(keras.utils.PyDataset):
             index += n_batches
         if not 0 <= index < n_batches:
             raise IndexError(f"batch index {index} out of range for {n_batches} batches")
+        if self._patches is not None:
+            return self._patches.next_batch(self)
         return self._batch(self._order[index * self.batch_size : (index + 1) * self.batch_size])
 
     def _batch(self, subjects: np.ndarray):
@@ -435,7 +471,9 @@ class NiftiDataset(keras.utils.PyDataset):
         return x, y
 
     def on_epoch_end(self) -> None:
-        """Draw a new subject order (with ``shuffle=True``)."""
+        """Draw a new subject order (with ``shuffle=True``); start the next patch stream."""
+        if self._patches is not None:
+            self._patches.next_epoch()
         if self.shuffle:
             self._global_order = self._rng.permutation(len(self.images))
 
@@ -466,6 +504,11 @@ class NiftiDataset(keras.utils.PyDataset):
         loader's iterators are checkpointable: ``state = it.get_state()``
         after step ``n``, then ``it = iter(loader); it.set_state(state)`` in a
         new process continues with batch ``n + 1``.
+
+        With ``patch_size`` the records are the patch stream's batches (a
+        batch mixes the patches of several subjects), epoch by epoch: the
+        loader then yields exactly this dataset's batches of its epochs
+        ``0 .. num_epochs - 1`` (a shuffled patch dataset needs a ``seed``).
 
         Args:
             num_epochs: passes over the data before the iterator ends (``None``:
@@ -516,25 +559,71 @@ class NiftiDataset(keras.utils.PyDataset):
     def _order(self) -> np.ndarray:
         return share(self._global_order, self.process_shard)
 
+    @property
+    def patches(self) -> Any:
+        """The :class:`keras_nii.patches.PatchQueue` (with ``patch_size``), else ``None``."""
+        return self._patches
+
+    def _patch_queue(self, patch_size, patches_per_volume, label_probabilities, queue_length):
+        if patch_size is None:
+            if label_probabilities is not None or queue_length is not None:
+                raise ValueError("label_probabilities and queue_length need patch_size=(x, y, z)")
+            if patches_per_volume != 1:
+                raise ValueError("patches_per_volume needs patch_size=(x, y, z)")
+            return None
+        if self.shape is not None:
+            raise ValueError("pass shape= (whole volumes) or patch_size= (patches), not both")
+        if label_probabilities is not None and self.label_kind != "masks":
+            raise ValueError(
+                "label_probabilities needs label maps: labels= must be a list of paths"
+            )
+        from keras_nii.patches import PatchQueue
+
+        return PatchQueue(
+            patch_size,
+            patches_per_volume,
+            label_probabilities,
+            queue_length,
+            self.batch_size,
+            self.seed,
+            shared=self.use_multiprocessing and self.workers > 1,
+        )
+
     @classmethod
     def from_folder(
         cls,
         images_dir: PathLike,
         labels_dir: PathLike | None = None,
+        *,
+        pair_by: Any = "stem",
         **kwargs: Any,
     ) -> NiftiDataset:
-        """A dataset of the NIfTI files in a folder, paired by name with label maps.
+        """A dataset of the NIfTI files in a folder, paired with label maps by subject.
 
         Lists the ``.nii`` and ``.nii.gz`` files of ``images_dir`` (not its
-        subfolders; hidden files are ignored), sorted by name. With
-        ``labels_dir``, each image is paired with the label map of the same
-        name stem (``sub-01.nii.gz`` with ``sub-01.nii.gz`` or ``sub-01.nii``);
-        an image without a label map, or a label map without an image, is an
-        error.
+        subfolders; hidden files are ignored). Files are grouped and paired
+        by a subject key taken from their names (see :mod:`keras_nii.pairing`):
+
+        - ``pair_by="stem"`` (default): the whole name stem, ``sub-01.nii.gz``
+          with ``sub-01.nii.gz`` or ``sub-01.nii``;
+        - ``"bids"``: ``sub-<label>[_ses-<label>]``, ``sub-01_T1w.nii.gz`` with
+          ``sub-01_mask.nii.gz``; several images of a subject
+          (``sub-01_FLAIR``, ``sub-01_T1w``) are its modalities, in name order;
+        - ``"nnunet"``: ``case_00000_0000.nii.gz`` (channel ``0000``) with
+          ``case_00000.nii.gz``, channels in index order;
+        - a regular expression (the key is its group ``key``, or its first
+          group; a group ``channel`` orders modalities), or a function of the
+          name stem returning the key.
+
+        Subjects come sorted by key. An image without a label map, a label
+        map without an image, a name the rule does not match, two label maps
+        of one subject and subjects with different numbers of modalities are
+        errors that list the files.
 
         Args:
             images_dir: folder of images.
             labels_dir: folder of label maps, or ``None``.
+            pair_by: the pairing rule, as above.
             **kwargs: the other arguments of :class:`NiftiDataset`.
 
         Returns:
@@ -544,28 +633,21 @@ class NiftiDataset(keras.utils.PyDataset):
 
         ```python
         ds = NiftiDataset.from_folder("data/images", "data/labels", batch_size=2)
+        ds = NiftiDataset.from_folder("imagesTr", "labelsTr", pair_by="nnunet")
         ```
         """
+        from keras_nii.pairing import pair_files
+
         images = _list_nifti(images_dir, "images_dir")
-        if labels_dir is None:
-            return cls([str(p) for p in images.values()], **kwargs)
-        if "labels" in kwargs:
+        if labels_dir is not None and "labels" in kwargs:
             raise ValueError("pass either labels_dir or labels=, not both")
-        labels = _list_nifti(labels_dir, "labels_dir")
-        unpaired = [str(images[s]) for s in images if s not in labels]
-        if unpaired:
-            raise ValueError(
-                f"{len(unpaired)} image(s) without a label map of the same name in "
-                f"{labels_dir}: {', '.join(unpaired[:5])}" + (" ..." if len(unpaired) > 5 else "")
-            )
-        orphans = [str(labels[s]) for s in labels if s not in images]
-        if orphans:
-            raise ValueError(
-                f"{len(orphans)} label map(s) without an image of the same name in "
-                f"{images_dir}: {', '.join(orphans[:5])}" + (" ..." if len(orphans) > 5 else "")
-            )
-        stems = list(images)
-        return cls([str(images[s]) for s in stems], [str(labels[s]) for s in stems], **kwargs)
+        labels = None if labels_dir is None else _list_nifti(labels_dir, "labels_dir")
+        paired_images, paired_labels = pair_files(
+            images, labels, pair_by, images_dir=images_dir, labels_dir=labels_dir
+        )
+        if paired_labels is None:
+            return cls(paired_images, **kwargs)
+        return cls(paired_images, paired_labels, **kwargs)
 
     def __getstate__(self) -> dict[str, Any]:
         # a memory cache is not worth copying to a worker process
@@ -674,6 +756,12 @@ class NiftiDataset(keras.utils.PyDataset):
         shapes = [(*parts[0].shape[:3], sum(p.shape[3] for p in parts)) for parts in samples]
         if self.shape is not None:
             shapes = [(*self.shape, shape[3]) for shape in shapes]
+        if self.pad_to_multiple is not None:
+            multiple = self.pad_to_multiple
+            shapes = [
+                (*(-(-s // m) * m for s, m in zip(shape[:3], multiple, strict=True)), shape[3])
+                for shape in shapes
+            ]
         first = shapes[0]
         for shape, path, subject in zip(shapes, paths, subjects, strict=True):
             if shape != first:
@@ -693,6 +781,15 @@ class NiftiDataset(keras.utils.PyDataset):
                 _copy_reordered(batch[(i, *destination, channels)], part[source])
                 channel = channels.stop
         return batch
+
+
+def _check_multiple(value: Any) -> tuple[int, int, int] | None:
+    if value is None:
+        return None
+    values = [value] * 3 if isinstance(value, numbers.Integral) else value
+    if _is_pathlike(values) or not isinstance(values, (Sequence, np.ndarray)) or len(values) != 3:
+        raise ValueError(f"pad_to_multiple must be None, an int or (x, y, z), got {value!r}")
+    return tuple(_check_positive_int("pad_to_multiple", v) for v in values)
 
 
 def _same_grid(array_a, affine_a, array_b, affine_b) -> bool:

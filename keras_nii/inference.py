@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +34,7 @@ from keras_nii.storage import overwritten_input
 __all__ = [
     "predict_nifti",
     "predict_volume",
+    "predict_scan",
     "load_model",
     "size_divisor",
     "sliding_window_positions",
@@ -87,20 +89,70 @@ def tta_flips(tta: Any) -> list[tuple[int, ...]]:
     return flips
 
 
+def _out_of_memory(err: BaseException | None) -> bool:
+    """Whether an exception, or one that caused it, says that memory ran out.
+
+    TensorFlow raises ``ResourceExhaustedError``, torch ``OutOfMemoryError``,
+    JAX an ``XlaRuntimeError`` whose message starts ``RESOURCE_EXHAUSTED``,
+    NumPy and plain Python ``MemoryError``.
+    """
+    for _ in range(8):  # the cause chain (a wrapper's error, then the model's)
+        if err is None:
+            return False
+        name = type(err).__name__
+        text = str(err)
+        if (
+            isinstance(err, MemoryError)
+            or name in ("ResourceExhaustedError", "OutOfMemoryError")
+            or "RESOURCE_EXHAUSTED" in text
+            or "out of memory" in text.lower()
+        ):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def _flip_averaged(
     run: Callable[[np.ndarray], np.ndarray], flips: list[tuple[int, ...]], variance: bool
 ) -> Callable[[np.ndarray], np.ndarray]:
     """``run`` as the mean of ``flip^-1(run(flip(batch)))`` over ``flips``, in one call.
 
-    All flipped copies of the batch go to the model together. With
-    ``variance``, the variance over the flips follows the mean as more
-    channels: ``(b, x, y, z, 2k)``.
+    All flipped copies of the batch go to the model together, as long as
+    memory allows: when the model runs out of memory (see
+    :func:`_out_of_memory`) on that many windows at once, they are sent in
+    halves, then quarters..., down to one window a call, and the smaller
+    size is kept for the windows that follow. With ``variance``, the
+    variance over the flips follows the mean as more channels:
+    ``(b, x, y, z, 2k)``.
     """
+    per_call: int | None = None
 
     def call(batch: np.ndarray) -> np.ndarray:
+        nonlocal per_call
         n = len(batch)
         copies = [np.flip(batch, [a + 1 for a in axes]) if axes else batch for axes in flips]
-        out = np.asarray(run(np.concatenate(copies)), dtype=np.float32)
+        inputs = np.concatenate(copies)
+        size = len(inputs) if per_call is None else min(per_call, len(inputs))
+        parts, start = [], 0
+        while start < len(inputs):
+            try:
+                part = np.asarray(run(inputs[start : start + size]), dtype=np.float32)
+            except Exception as err:
+                if size == 1 or not _out_of_memory(err):
+                    raise
+                size = max(1, size // 2)
+                warnings.warn(
+                    f"predict_nifti: the model ran out of memory on {2 * size} or more "
+                    f"windows at once; sending the {len(flips)} flipped copies of each "
+                    f"window {size} at a time",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                per_call = size
+                continue
+            parts.append(part)
+            start += size
+        out = parts[0] if len(parts) == 1 else np.concatenate(parts)
         if out.ndim == 4:
             out = out[..., None]
         if out.ndim != 5 or out.shape[:4] != (len(flips) * n, *batch.shape[1:4]):
@@ -388,7 +440,10 @@ def predict_volume(
             such as ``[(0,), (1,), (0, 1)]`` (see :func:`tta_flips`). Each
             window's prediction is the mean of ``flip^-1(model(flip(w)))``
             over the flips, all of which go to the model in one call: a call
-            holds ``batch_size * len(flips)`` windows.
+            holds ``batch_size * len(flips)`` windows. Where memory does not
+            allow that (the model raises an out-of-memory error), the copies
+            are sent in halves, quarters ... down to one a call, with a
+            warning, and the smaller size is kept.
         uncertainty: also return the variance over the flips (needs ``tta``);
             overlapping windows blend it as they blend the mean.
 
@@ -479,7 +534,8 @@ def predict_volume(
             w = _trim_faces(weights, (i, j, k), patch, full, margin) if margin else weights
             total[window] += pred * w
             norm[window] += w
-    result = total / norm
+    # in place: the probability map is the largest array here, never copied
+    result = np.divide(total, norm, out=total)
     result = result[: spatial[0], : spatial[1], : spatial[2]]
     if uncertainty:
         k = result.shape[-1] // 2
@@ -487,12 +543,23 @@ def predict_volume(
     return result
 
 
+def label_dtype(classes: int) -> np.dtype:
+    """The smallest integer type that holds the labels ``0 .. classes - 1``."""
+    for dtype in (np.uint8, np.uint16, np.int32):
+        if classes - 1 <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    return np.dtype(np.int64)
+
+
 def _to_labels(prediction: np.ndarray, threshold: float) -> np.ndarray:
+    """Labels in the smallest integer type for the number of classes (uint8 up
+    to 256): the argmax, slab by slab (no full-size int64 index array), or a
+    single channel over ``threshold``."""
     if prediction.shape[-1] == 1:
-        labels = prediction[..., 0] > threshold
-    else:
-        labels = np.argmax(prediction, axis=-1)
-    labels = labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.int32)
+        return (prediction[..., 0] > threshold).astype(np.uint8)
+    labels = np.empty(prediction.shape[:-1], label_dtype(prediction.shape[-1]))
+    for i in range(0, labels.shape[0], 8):
+        labels[i : i + 8] = np.argmax(prediction[i : i + 8], axis=-1)
     return labels
 
 
@@ -582,6 +649,70 @@ def _load_inputs(
     return first, array
 
 
+def predict_scan(
+    model: Any,
+    in_path: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    patch_size: Sequence[int] | None = None,
+    overlap: float = 0.5,
+    batch_size: int = 2,
+    blend: Literal["gaussian", "constant"] = "gaussian",
+    margin: int = 0,
+    canonical: bool = True,
+    size_divisor: int | Sequence[int] | None = None,
+    spacing: Sequence[float | None] | float | None = None,
+    tta: Any = None,
+    uncertainty: bool = False,
+) -> tuple[Volume, np.ndarray, np.ndarray | None]:
+    """The model's output on a scan, on the scan's own grid, in memory.
+
+    What :func:`predict_nifti` computes before it writes: the scan is read
+    (and resampled to ``spacing``), predicted in sliding windows by
+    :func:`predict_volume`, and the output (probabilities or logits) is
+    resampled back onto the scan's own grid. The arguments are
+    :func:`predict_nifti`'s.
+
+    Returns:
+        ``(volume, prediction, variance)``: the scan's :class:`Volume` (its
+        grid and header), the ``(x, y, z, k)`` float32 output and, with
+        ``uncertainty`` (and ``tta``), its variance over the flips, else
+        ``None``.
+    """
+    paths = [
+        os.fspath(p) for p in ([in_path] if isinstance(in_path, (str, os.PathLike)) else in_path)
+    ]
+    if not paths:
+        raise ValueError("in_path must name at least one scan")
+    if isinstance(model, (str, os.PathLike)):
+        model = load_model(model)
+    volume, array = _load_inputs(paths, canonical, spacing)
+    prediction = predict_volume(
+        model,
+        array,
+        patch_size=patch_size,
+        overlap=overlap,
+        batch_size=batch_size,
+        blend=blend,
+        margin=margin,
+        size_divisor=size_divisor,
+        tta=tta,
+        uncertainty=uncertainty,
+    )
+    variance = None
+    if uncertainty:
+        prediction, variance = prediction
+    if volume.resampling is not None:
+        # the probabilities go back to the scan's grid, then become labels
+        how = volume.resampling
+        prediction = how.invert(prediction, "linear")
+        if variance is not None:
+            variance = how.invert(variance, "linear")
+        volume = dataclasses.replace(
+            volume, array=prediction, affine=how.source_affine, resampling=None
+        )
+    return volume, prediction, variance
+
+
 def predict_nifti(
     model: Any,
     in_path: str | os.PathLike | Sequence[str | os.PathLike],
@@ -638,7 +769,8 @@ def predict_nifti(
             or a list of flips such as ``[(0,), (1,), (0, 1)]`` (the unflipped
             prediction is always included). The flipped copies of a window
             go to the model in one call (``batch_size`` windows, each with
-            all its flips). See :func:`tta_flips`.
+            all its flips), or in smaller calls when the model runs out of
+            memory. See :func:`tta_flips`.
         uncertainty_path: with ``tta``, a second NIfTI file to write: the
             voxel-wise variance of the model's output across the augmented
             predictions (float32, one channel per output channel, a 4D file
@@ -673,33 +805,20 @@ def predict_nifti(
         _check_output_path(uncertainty_path, paths)
         if os.path.abspath(uncertainty_path) == os.path.abspath(out_path):
             raise ValueError(f"uncertainty_path and out_path are the same file: {out_path}")
-    if isinstance(model, (str, os.PathLike)):
-        model = load_model(model)
-    volume, array = _load_inputs(paths, canonical, spacing)
-    prediction = predict_volume(
+    volume, prediction, variance = predict_scan(
         model,
-        array,
+        paths,
         patch_size=patch_size,
         overlap=overlap,
         batch_size=batch_size,
         blend=blend,
         margin=margin,
+        canonical=canonical,
         size_divisor=size_divisor,
+        spacing=spacing,
         tta=None if tta is None else flips,
         uncertainty=uncertainty_path is not None,
     )
-    variance = None
-    if uncertainty_path is not None:
-        prediction, variance = prediction
-    if volume.resampling is not None:
-        # the probabilities go back to the scan's grid, then become labels
-        how = volume.resampling
-        prediction = how.invert(prediction, "linear")
-        if variance is not None:
-            variance = how.invert(variance, "linear")
-        volume = dataclasses.replace(
-            volume, array=prediction, affine=how.source_affine, resampling=None
-        )
     result = _to_labels(prediction, threshold) if output == "labels" else prediction
     classes = max(2, prediction.shape[-1]) if output == "labels" else prediction.shape[-1]
     header = _output_header(volume.header, np.asarray(result), output, classes)

@@ -285,3 +285,37 @@ def test_cli_info_reads_an_s3_url(s3, tmp_path):
     assert missing.returncode != 0
     assert "s3://scans/cli/none.nii.gz" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_cli_predict_reads_and_writes_s3(s3, tmp_path):
+    import keras
+
+    fs, env = s3
+    source = load_nifti(ANATOMICAL)
+    save_nifti(source.array, "s3://scans/cli2/anat.nii.gz", like=source)
+    inputs = keras.Input((None, None, None, 1))
+    model = keras.Model(inputs, keras.layers.Activation("sigmoid")(inputs - 50.0))
+    model.save(tmp_path / "model.keras")
+    run_env = {**os.environ, **env}
+    run_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), run_env.get("PYTHONPATH")]))
+    command = [sys.executable, "-m", "keras_nii", "predict", str(tmp_path / "model.keras")]
+    refused = subprocess.run(
+        [*command, "s3://scans/cli2/anat.nii.gz", "s3://scans/cli2/./anat.nii.gz"],
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert refused.returncode != 0 and "input scan" in refused.stderr
+    done = subprocess.run(
+        [*command, "s3://scans/cli2/anat.nii.gz", "s3://scans/cli2/pred.nii.gz"],
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    fs.invalidate_cache()
+    fs.get_file("scans/cli2/pred.nii.gz", str(tmp_path / "pred.nii.gz"))
+    expected = (np.asarray(nib.load(ANATOMICAL).dataobj, dtype=np.float32) > 50).astype(np.uint8)
+    np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "pred.nii.gz").dataobj), expected)
