@@ -54,9 +54,10 @@ WORKERS = 2  # the peers' loader processes; keras-nii's threads
 
 def _targets(rows: list[Row], target: Target) -> None:
     def rate(row: Row | None, cold: bool) -> float | None:
+        """Patches per second: of the first epoch (cold), or of the epochs after it."""
         if row is None:
             return None
-        if cold and row["variant"] == "cached":  # its first epoch filled the cache
+        if cold:
             return 1000.0 * row["volumes_per_call"] / row["first_call_ms"]
         return row["volumes_per_s"]
 
