@@ -33,15 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from keras_nii.bench.core import (
-    Context,
-    Row,
-    Target,
-    find_row,
-    keras_nii_attr,
-    operation,
-    try_import,
-)
+from keras_nii.bench import core
+from keras_nii.bench.core import Context, operation
 
 SCANS = 8
 PER_VOLUME = 4
@@ -52,8 +45,8 @@ QUEUE = 16  # TorchIO's queue: the patches of 4 scans
 WORKERS = 2  # the peers' loader processes; keras-nii's threads
 
 
-def _targets(rows: list[Row], target: Target) -> None:
-    def rate(row: Row | None, cold: bool) -> float | None:
+def _targets(rows: list[core.Row], target: core.Target) -> None:
+    def rate(row: core.Row | None, cold: bool) -> float | None:
         """Patches per second: of the first epoch (cold), or of the epochs after it."""
         if row is None:
             return None
@@ -61,7 +54,7 @@ def _targets(rows: list[Row], target: Target) -> None:
             return 1000.0 * row["volumes_per_call"] / row["first_call_ms"]
         return row["volumes_per_s"]
 
-    ours_cold = rate(find_row(rows, "patches", "cold", "keras-nii"), True)
+    ours_cold = rate(core.find_row(rows, "patches", "cold", "keras-nii"), True)
     cached = [r for r in rows if r["operation"] == "patches" and r["status"] == "ok"]
     ours_cached = [
         rate(r, False) for r in cached if r["library"] == "keras-nii" and r["variant"] == "cached"
@@ -80,7 +73,7 @@ def _targets(rows: list[Row], target: Target) -> None:
     if not ours_cached:
         return
     ours = max(ours_cached)
-    torchio = find_row(rows, "patches", "cold", "TorchIO")
+    torchio = core.find_row(rows, "patches", "cold", "TorchIO")
     if torchio:
         target(
             "patches cached vs TorchIO",
@@ -107,7 +100,7 @@ def bench_patches(ctx: Context) -> None:
     repeats = min(ctx.repeats, 3)  # every call is a whole epoch
     n = SCANS * PER_VOLUME
     with tempfile.TemporaryDirectory(prefix="keras-nii-bench-patches-") as tmp:
-        make = keras_nii_attr("phantoms", "make_ct_dataset")
+        make = core.keras_nii_attr("phantoms", "make_ct_dataset")
         in_plane = (round(2.0 * patch), round(2.2 * patch))
         slices = (round(1.25 * patch), round(1.45 * patch))
         ctx.log(
@@ -120,7 +113,7 @@ def bench_patches(ctx: Context) -> None:
 
         def keras_nii(cache: Any) -> Callable[[], Callable[[], Any]]:
             def setup() -> Callable[[], Any]:
-                cls = keras_nii_attr("data", "NiftiDataset")
+                cls = core.keras_nii_attr("data", "NiftiDataset")
                 ds = cls(
                     images,
                     labels,
@@ -167,7 +160,7 @@ def bench_patches(ctx: Context) -> None:
             )
 
         def torchio() -> Callable[[], Any]:
-            tio = try_import("torchio")
+            tio = core.try_import("torchio")
             torch = ctx.torch()
             subjects = [
                 tio.Subject(image=tio.ScalarImage(i), label=tio.LabelMap(m))
@@ -208,7 +201,7 @@ def bench_patches(ctx: Context) -> None:
         def monai(cached: bool) -> Callable[[], Callable[[], Any]]:
             def setup() -> Callable[[], Any]:
                 mt = ctx.monai()
-                data = try_import("monai.data")
+                data = core.try_import("monai.data")
                 keys = ["image", "label"]
                 load = [
                     mt.LoadImaged(keys=keys, image_only=True),
