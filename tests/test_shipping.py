@@ -345,6 +345,12 @@ def test_predict_nifti_with_onnx_equals_keras(shipped, tmp_path, orientation):
     labels = np.asarray(written["onnx", "labels"].dataobj)
     np.testing.assert_array_equal(labels, np.asarray(written["keras", "labels"].dataobj))
     assert len(np.unique(labels)) > 1  # not a constant prediction
+    # and so does the LiteRT file
+    tflite = tmp_path / "tflite_probabilities.nii.gz"
+    predict_nifti(
+        str(shipped["folder"] / "unet.tflite"), scan, tflite, output="probabilities", **options
+    )
+    assert_close(nib.load(tflite).get_fdata(), probabilities)
     # the command line takes the .onnx file too
     out = tmp_path / "cli_labels.nii.gz"
     printed = run_cli(["predict", onnx_path, scan, str(out), "--patch-size", "16", "16", "8"])
