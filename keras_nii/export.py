@@ -118,16 +118,22 @@ def export_model(
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     suffix = _SUFFIXES.get(fmt)
     if suffix is not None and not path.lower().endswith(suffix):
-        raise ValueError(f"an {fmt} artifact is a {suffix} file, got path {path!r}")
-    if suffix is None and format_of(path) != "savedmodel" or path.lower().endswith(".keras"):
+        raise ValueError(f"the {fmt} format writes a {suffix} file, got path {path!r}")
+    if suffix is None and (format_of(path) != "savedmodel" or path.lower().endswith(".keras")):
         raise ValueError(f"a SavedModel is a folder, not a file like {path!r}")
     if isinstance(model, (str, os.PathLike)):
-        source = os.fspath(model)
-        if os.path.exists(path) and os.path.exists(source) and os.path.samefile(source, path):
-            raise ValueError(f"refusing to write {path}: it is the model being exported")
-        model = _load_keras(source)
-    if os.path.exists(path) and not overwrite:
-        raise ValueError(f"{path} already exists; pass overwrite=True to replace it")
+        source = os.path.abspath(os.fspath(model))
+        target = os.path.abspath(path)
+        if source == target or source.startswith(target.rstrip(os.sep) + os.sep):
+            raise ValueError(f"refusing to write {path}: it is or holds the model being exported")
+        model = _load_keras(os.fspath(model))
+    if os.path.exists(path):
+        if not overwrite:
+            raise ValueError(f"{path} already exists; pass overwrite=True to replace it")
+        if fmt == "savedmodel" and not os.path.isfile(os.path.join(path, "saved_model.pb")):
+            raise ValueError(f"refusing to replace {path}: it is not a SavedModel folder")
+        if fmt != "savedmodel" and not os.path.isfile(path):
+            raise ValueError(f"refusing to replace {path}: it is not a file")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ValueError(f"cannot write {path}: folder {folder} does not exist")

@@ -345,6 +345,12 @@ def test_predict_nifti_with_onnx_equals_keras(shipped, tmp_path, orientation):
     labels = np.asarray(written["onnx", "labels"].dataobj)
     np.testing.assert_array_equal(labels, np.asarray(written["keras", "labels"].dataobj))
     assert len(np.unique(labels)) > 1  # not a constant prediction
+    # and so does the LiteRT file
+    tflite = tmp_path / "tflite_probabilities.nii.gz"
+    predict_nifti(
+        str(shipped["folder"] / "unet.tflite"), scan, tflite, output="probabilities", **options
+    )
+    assert_close(nib.load(tflite).get_fdata(), probabilities)
     # the command line takes the .onnx file too
     out = tmp_path / "cli_labels.nii.gz"
     printed = run_cli(["predict", onnx_path, scan, str(out), "--patch-size", "16", "16", "8"])
@@ -481,7 +487,7 @@ def test_export_arguments_are_checked(tmp_path):
     model = keras.Sequential([keras.Input((None, None, None, 1)), IntensityWindow(0.0, 1.0)])
     with pytest.raises(ValueError, match="format must be one of"):
         export_model(model, tmp_path / "m.onnx", "torchscript")
-    with pytest.raises(ValueError, match="a .onnx file"):
+    with pytest.raises(ValueError, match="writes a .onnx file"):
         export_model(model, tmp_path / "m.tflite", "onnx")
     with pytest.raises(ValueError, match="SavedModel is a folder"):
         export_model(model, tmp_path / "m.keras", "savedmodel")
@@ -489,6 +495,15 @@ def test_export_arguments_are_checked(tmp_path):
         export_model(model, tmp_path / "no" / "m.onnx")
     with pytest.raises(ValueError, match="expected a .keras file"):
         export_model(str(tmp_path / "m.h5"), tmp_path / "m.onnx")
+    # never deletes what is not its own kind of artifact, nor the model's own folder
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("keep")
+    with pytest.raises(ValueError, match="not a SavedModel folder"):
+        export_model(model, tmp_path / "notes", overwrite=True)
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "keep"
+    model.save(tmp_path / "notes" / "model.keras")
+    with pytest.raises(ValueError, match="holds the model being exported"):
+        export_model(str(tmp_path / "notes" / "model.keras"), tmp_path / "notes", overwrite=True)
     (tmp_path / "bad.onnx").write_bytes(b"not an onnx file")
     with pytest.raises(ValueError, match="bad.onnx: ONNX Runtime cannot load it"):
         OnnxModel(tmp_path / "bad.onnx")
