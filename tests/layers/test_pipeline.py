@@ -21,7 +21,6 @@ from scipy import ndimage
 from keras_nii import layers
 from keras_nii.layers.elastic import dense_displacement
 from keras_nii.training import AugmentedModel
-
 from tests.layers.conftest import BACKEND, compiled, tensorflow_only, to_numpy
 
 SHAPE = (2, 16, 16, 16, 1)
@@ -507,3 +506,16 @@ def test_maps_honour_spacing():
     unfused, fused = both(make_elastic, volumes(6))
     for key in unfused:
         assert np.mean(unfused[key] != fused[key]) < 1e-3, key
+
+
+@tensorflow_only
+def test_runs_in_a_tf_data_map():
+    import tensorflow as tf
+
+    def mapped(pipeline):
+        # (TensorFlow draws differently in graphs and eagerly: compare graphs)
+        ds = tf.data.Dataset.from_tensors(volumes()).map(lambda d: pipeline(d, training=True))
+        return {key: value.numpy() for key, value in next(iter(ds)).items()}
+
+    fused = mapped(layers.Pipeline3D(exact_chain()))
+    assert_identical(mapped(keras.layers.Pipeline(exact_chain())), fused)
