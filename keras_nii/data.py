@@ -303,6 +303,22 @@ class NiftiDataset(keras.utils.PyDataset):
             has parallel voxel axes (another resolution or field of view) is
             resampled from its own grid onto the first modality's new grid.
             Caches hold the resampled volumes. ``None``: no resampling.
+        patch_size: ``(px, py, pz)``: yield patches of this shape instead of
+            whole volumes (see :mod:`keras_nii.patches`): every epoch, each
+            subject gives ``patches_per_volume`` windows, the same window cut
+            from its image, modalities and label map, mixed with other
+            subjects' patches in every batch; the volumes may all differ in
+            shape. ``len()`` is ``ceil(subjects * patches_per_volume /
+            batch_size)``, and each request returns the next batch of the
+            epoch's patch stream, whatever its index.
+        patches_per_volume: patches per subject and epoch (with ``patch_size``).
+        label_probabilities: ``{label: weight}`` (or weights indexed by label):
+            centre each patch on a voxel of a class drawn by weight among
+            those the subject holds (with ``patch_size`` and label maps);
+            ``None``: uniform patches.
+        queue_length: patches mixed together: the patches of
+            ``queue_length // patches_per_volume`` subjects at a time are
+            shuffled together (default: ``max(batch_size, 4)`` subjects).
         workers: passed to ``keras.utils.PyDataset``: the number of threads
             or processes that build batches during ``fit``.
         use_multiprocessing: passed to ``keras.utils.PyDataset``: processes
@@ -345,6 +361,10 @@ class NiftiDataset(keras.utils.PyDataset):
         canonical: bool = True,
         spacing: Sequence[float | None] | float | None = None,
         cache_bytes: int | None = None,
+        patch_size: Sequence[int] | None = None,
+        patches_per_volume: int = 1,
+        label_probabilities: Any = None,
+        queue_length: int | None = None,
         workers: int = 1,
         use_multiprocessing: bool = False,
         max_queue_size: int = 10,
@@ -398,13 +418,19 @@ class NiftiDataset(keras.utils.PyDataset):
             )
         # the epoch's order over all processes; each reads its share (see _order)
         self._global_order = self._rng.permutation(n) if self.shuffle else np.arange(n)
+        self._patches = self._patch_queue(
+            patch_size, patches_per_volume, label_probabilities, queue_length
+        )
 
     # ------------------------------------------------------------------ PyDataset
 
     def __len__(self) -> int:
         """Number of batches: ``ceil(len(images) / batch_size)``, or, when
         sharded over ``count`` processes, ``ceil(ceil(len(images) / count) /
-        batch_size)`` in every process."""
+        batch_size)`` in every process; with ``patch_size``, the subjects times
+        ``patches_per_volume`` over ``batch_size``."""
+        if self._patches is not None:
+            return self._patches.num_batches(len(self._order))
         return math.ceil(len(self._order) / self.batch_size)
 
     def __getitem__(self, index: int):
@@ -416,6 +442,8 @@ class NiftiDataset(keras.utils.PyDataset):
             index += n_batches
         if not 0 <= index < n_batches:
             raise IndexError(f"batch index {index} out of range for {n_batches} batches")
+        if self._patches is not None:
+            return self._patches.next_batch(self)
         return self._batch(self._order[index * self.batch_size : (index + 1) * self.batch_size])
 
     def _batch(self, subjects: np.ndarray):
@@ -435,7 +463,9 @@ class NiftiDataset(keras.utils.PyDataset):
         return x, y
 
     def on_epoch_end(self) -> None:
-        """Draw a new subject order (with ``shuffle=True``)."""
+        """Draw a new subject order (with ``shuffle=True``); start the next patch stream."""
+        if self._patches is not None:
+            self._patches.next_epoch()
         if self.shuffle:
             self._global_order = self._rng.permutation(len(self.images))
 
@@ -515,6 +545,36 @@ class NiftiDataset(keras.utils.PyDataset):
     @property
     def _order(self) -> np.ndarray:
         return share(self._global_order, self.process_shard)
+
+    @property
+    def patches(self) -> Any:
+        """The :class:`keras_nii.patches.PatchQueue` (with ``patch_size``), else ``None``."""
+        return self._patches
+
+    def _patch_queue(self, patch_size, patches_per_volume, label_probabilities, queue_length):
+        if patch_size is None:
+            if label_probabilities is not None or queue_length is not None:
+                raise ValueError("label_probabilities and queue_length need patch_size=(x, y, z)")
+            if patches_per_volume != 1:
+                raise ValueError("patches_per_volume needs patch_size=(x, y, z)")
+            return None
+        if self.shape is not None:
+            raise ValueError("pass shape= (whole volumes) or patch_size= (patches), not both")
+        if label_probabilities is not None and self.label_kind != "masks":
+            raise ValueError(
+                "label_probabilities needs label maps: labels= must be a list of paths"
+            )
+        from keras_nii.patches import PatchQueue
+
+        return PatchQueue(
+            patch_size,
+            patches_per_volume,
+            label_probabilities,
+            queue_length,
+            self.batch_size,
+            self.seed,
+            shared=self.use_multiprocessing and self.workers > 1,
+        )
 
     @classmethod
     def from_folder(

@@ -33,6 +33,7 @@ from keras_nii.storage import overwritten_input
 __all__ = [
     "predict_nifti",
     "predict_volume",
+    "predict_scan",
     "load_model",
     "size_divisor",
     "sliding_window_positions",
@@ -479,7 +480,8 @@ def predict_volume(
             w = _trim_faces(weights, (i, j, k), patch, full, margin) if margin else weights
             total[window] += pred * w
             norm[window] += w
-    result = total / norm
+    # in place: the probability map is the largest array here, never copied
+    result = np.divide(total, norm, out=total)
     result = result[: spatial[0], : spatial[1], : spatial[2]]
     if uncertainty:
         k = result.shape[-1] // 2
@@ -487,12 +489,23 @@ def predict_volume(
     return result
 
 
+def label_dtype(classes: int) -> np.dtype:
+    """The smallest integer type that holds the labels ``0 .. classes - 1``."""
+    for dtype in (np.uint8, np.uint16, np.int32):
+        if classes - 1 <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    return np.dtype(np.int64)
+
+
 def _to_labels(prediction: np.ndarray, threshold: float) -> np.ndarray:
+    """Labels in the smallest integer type for the number of classes (uint8 up
+    to 256): the argmax, slab by slab (no full-size int64 index array), or a
+    single channel over ``threshold``."""
     if prediction.shape[-1] == 1:
-        labels = prediction[..., 0] > threshold
-    else:
-        labels = np.argmax(prediction, axis=-1)
-    labels = labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.int32)
+        return (prediction[..., 0] > threshold).astype(np.uint8)
+    labels = np.empty(prediction.shape[:-1], label_dtype(prediction.shape[-1]))
+    for i in range(0, labels.shape[0], 8):
+        labels[i : i + 8] = np.argmax(prediction[i : i + 8], axis=-1)
     return labels
 
 
@@ -580,6 +593,70 @@ def _load_inputs(
             )
     array = np.concatenate([v.array for v in volumes], axis=-1) if len(volumes) > 1 else first.array
     return first, array
+
+
+def predict_scan(
+    model: Any,
+    in_path: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    patch_size: Sequence[int] | None = None,
+    overlap: float = 0.5,
+    batch_size: int = 2,
+    blend: Literal["gaussian", "constant"] = "gaussian",
+    margin: int = 0,
+    canonical: bool = True,
+    size_divisor: int | Sequence[int] | None = None,
+    spacing: Sequence[float | None] | float | None = None,
+    tta: Any = None,
+    uncertainty: bool = False,
+) -> tuple[Volume, np.ndarray, np.ndarray | None]:
+    """The model's output on a scan, on the scan's own grid, in memory.
+
+    What :func:`predict_nifti` computes before it writes: the scan is read
+    (and resampled to ``spacing``), predicted in sliding windows by
+    :func:`predict_volume`, and the output (probabilities or logits) is
+    resampled back onto the scan's own grid. The arguments are
+    :func:`predict_nifti`'s.
+
+    Returns:
+        ``(volume, prediction, variance)``: the scan's :class:`Volume` (its
+        grid and header), the ``(x, y, z, k)`` float32 output and, with
+        ``uncertainty`` (and ``tta``), its variance over the flips, else
+        ``None``.
+    """
+    paths = [
+        os.fspath(p) for p in ([in_path] if isinstance(in_path, (str, os.PathLike)) else in_path)
+    ]
+    if not paths:
+        raise ValueError("in_path must name at least one scan")
+    if isinstance(model, (str, os.PathLike)):
+        model = load_model(model)
+    volume, array = _load_inputs(paths, canonical, spacing)
+    prediction = predict_volume(
+        model,
+        array,
+        patch_size=patch_size,
+        overlap=overlap,
+        batch_size=batch_size,
+        blend=blend,
+        margin=margin,
+        size_divisor=size_divisor,
+        tta=tta,
+        uncertainty=uncertainty,
+    )
+    variance = None
+    if uncertainty:
+        prediction, variance = prediction
+    if volume.resampling is not None:
+        # the probabilities go back to the scan's grid, then become labels
+        how = volume.resampling
+        prediction = how.invert(prediction, "linear")
+        if variance is not None:
+            variance = how.invert(variance, "linear")
+        volume = dataclasses.replace(
+            volume, array=prediction, affine=how.source_affine, resampling=None
+        )
+    return volume, prediction, variance
 
 
 def predict_nifti(
@@ -673,33 +750,20 @@ def predict_nifti(
         _check_output_path(uncertainty_path, paths)
         if os.path.abspath(uncertainty_path) == os.path.abspath(out_path):
             raise ValueError(f"uncertainty_path and out_path are the same file: {out_path}")
-    if isinstance(model, (str, os.PathLike)):
-        model = load_model(model)
-    volume, array = _load_inputs(paths, canonical, spacing)
-    prediction = predict_volume(
+    volume, prediction, variance = predict_scan(
         model,
-        array,
+        paths,
         patch_size=patch_size,
         overlap=overlap,
         batch_size=batch_size,
         blend=blend,
         margin=margin,
+        canonical=canonical,
         size_divisor=size_divisor,
+        spacing=spacing,
         tta=None if tta is None else flips,
         uncertainty=uncertainty_path is not None,
     )
-    variance = None
-    if uncertainty_path is not None:
-        prediction, variance = prediction
-    if volume.resampling is not None:
-        # the probabilities go back to the scan's grid, then become labels
-        how = volume.resampling
-        prediction = how.invert(prediction, "linear")
-        if variance is not None:
-            variance = how.invert(variance, "linear")
-        volume = dataclasses.replace(
-            volume, array=prediction, affine=how.source_affine, resampling=None
-        )
     result = _to_labels(prediction, threshold) if output == "labels" else prediction
     classes = max(2, prediction.shape[-1]) if output == "labels" else prediction.shape[-1]
     header = _output_header(volume.header, np.asarray(result), output, classes)
