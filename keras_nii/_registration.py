@@ -33,7 +33,12 @@ from typing import Any
 
 #: The modules that call ``keras.saving.register_keras_serializable``. A new
 #: module that registers Keras objects must be listed here (a test checks it).
-REGISTERING = ("keras_nii.layers", "keras_nii.models", "keras_nii.training")
+REGISTERING = (
+    "keras_nii.layers",
+    "keras_nii.metrics",
+    "keras_nii.models",
+    "keras_nii.training",
+)
 
 _PACKAGE = "keras_nii"
 _state = threading.local()  # per thread: how many watched modules are executing

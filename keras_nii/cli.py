@@ -149,6 +149,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
     for i, path in enumerate(args.files):
         try:
             lines = _info_lines(path)
+        except MemoryError:  # describing it (statistics), after load_nifti read it
+            _error(f"{path}: too large for the memory at hand to describe")
+            failed += 1
+            continue
         except _EXPECTED as err:
             _error(_message(err, path))
             failed += 1

@@ -284,6 +284,12 @@ class NiftiDataset(keras.utils.PyDataset):
         shape: ``(x, y, z)``: center crop and/or zero pad every volume to
             this spatial shape (see :func:`center_crop_or_pad`). Without it,
             the volumes in one batch must have the same shape.
+        pad_to_multiple: an int, or one per axis ``(x, y, z)``: zero pad every
+            volume (image and label map alike, centred like ``shape``, after
+            it) to the next multiple, for networks that take only such sizes
+            (a :func:`keras_nii.models.unet3d` of ``levels`` poolings:
+            ``2**levels``). With ``batch_size=1`` volumes of any size then
+            train and validate; a batch still needs one shape (``shape=``).
         shuffle: reshuffle the subjects every epoch.
         seed: seed of the shuffling.
         cache: ``None``, ``"memory"`` or a directory (``str`` or
@@ -355,6 +361,7 @@ class NiftiDataset(keras.utils.PyDataset):
         *,
         batch_size: int = 1,
         shape: Sequence[int] | None = None,
+        pad_to_multiple: int | Sequence[int] | None = None,
         shuffle: bool = False,
         seed: int | None = None,
         cache: str | os.PathLike | None = None,
@@ -383,6 +390,7 @@ class NiftiDataset(keras.utils.PyDataset):
                 raise ValueError(f"shape must be None or (x, y, z), got {shape!r}")
             shape = tuple(_check_positive_int("shape", s) for s in shape)
         self.shape = shape
+        self.pad_to_multiple = _check_multiple(pad_to_multiple)
         self.shuffle = bool(shuffle)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
             raise ValueError(f"seed must be None or an integer, got {seed!r}")
@@ -497,6 +505,11 @@ class NiftiDataset(keras.utils.PyDataset):
         after step ``n``, then ``it = iter(loader); it.set_state(state)`` in a
         new process continues with batch ``n + 1``.
 
+        With ``patch_size`` the records are the patch stream's batches (a
+        batch mixes the patches of several subjects), epoch by epoch: the
+        loader then yields exactly this dataset's batches of its epochs
+        ``0 .. num_epochs - 1`` (a shuffled patch dataset needs a ``seed``).
+
         Args:
             num_epochs: passes over the data before the iterator ends (``None``:
                 endless). For ``model.fit(loader, epochs=E)`` pass
@@ -581,20 +594,36 @@ class NiftiDataset(keras.utils.PyDataset):
         cls,
         images_dir: PathLike,
         labels_dir: PathLike | None = None,
+        *,
+        pair_by: Any = "stem",
         **kwargs: Any,
     ) -> NiftiDataset:
-        """A dataset of the NIfTI files in a folder, paired by name with label maps.
+        """A dataset of the NIfTI files in a folder, paired with label maps by subject.
 
         Lists the ``.nii`` and ``.nii.gz`` files of ``images_dir`` (not its
-        subfolders; hidden files are ignored), sorted by name. With
-        ``labels_dir``, each image is paired with the label map of the same
-        name stem (``sub-01.nii.gz`` with ``sub-01.nii.gz`` or ``sub-01.nii``);
-        an image without a label map, or a label map without an image, is an
-        error.
+        subfolders; hidden files are ignored). Files are grouped and paired
+        by a subject key taken from their names (see :mod:`keras_nii.pairing`):
+
+        - ``pair_by="stem"`` (default): the whole name stem, ``sub-01.nii.gz``
+          with ``sub-01.nii.gz`` or ``sub-01.nii``;
+        - ``"bids"``: ``sub-<label>[_ses-<label>]``, ``sub-01_T1w.nii.gz`` with
+          ``sub-01_mask.nii.gz``; several images of a subject
+          (``sub-01_FLAIR``, ``sub-01_T1w``) are its modalities, in name order;
+        - ``"nnunet"``: ``case_00000_0000.nii.gz`` (channel ``0000``) with
+          ``case_00000.nii.gz``, channels in index order;
+        - a regular expression (the key is its group ``key``, or its first
+          group; a group ``channel`` orders modalities), or a function of the
+          name stem returning the key.
+
+        Subjects come sorted by key. An image without a label map, a label
+        map without an image, a name the rule does not match, two label maps
+        of one subject and subjects with different numbers of modalities are
+        errors that list the files.
 
         Args:
             images_dir: folder of images.
             labels_dir: folder of label maps, or ``None``.
+            pair_by: the pairing rule, as above.
             **kwargs: the other arguments of :class:`NiftiDataset`.
 
         Returns:
@@ -604,28 +633,21 @@ class NiftiDataset(keras.utils.PyDataset):
 
         ```python
         ds = NiftiDataset.from_folder("data/images", "data/labels", batch_size=2)
+        ds = NiftiDataset.from_folder("imagesTr", "labelsTr", pair_by="nnunet")
         ```
         """
+        from keras_nii.pairing import pair_files
+
         images = _list_nifti(images_dir, "images_dir")
-        if labels_dir is None:
-            return cls([str(p) for p in images.values()], **kwargs)
-        if "labels" in kwargs:
+        if labels_dir is not None and "labels" in kwargs:
             raise ValueError("pass either labels_dir or labels=, not both")
-        labels = _list_nifti(labels_dir, "labels_dir")
-        unpaired = [str(images[s]) for s in images if s not in labels]
-        if unpaired:
-            raise ValueError(
-                f"{len(unpaired)} image(s) without a label map of the same name in "
-                f"{labels_dir}: {', '.join(unpaired[:5])}" + (" ..." if len(unpaired) > 5 else "")
-            )
-        orphans = [str(labels[s]) for s in labels if s not in images]
-        if orphans:
-            raise ValueError(
-                f"{len(orphans)} label map(s) without an image of the same name in "
-                f"{images_dir}: {', '.join(orphans[:5])}" + (" ..." if len(orphans) > 5 else "")
-            )
-        stems = list(images)
-        return cls([str(images[s]) for s in stems], [str(labels[s]) for s in stems], **kwargs)
+        labels = None if labels_dir is None else _list_nifti(labels_dir, "labels_dir")
+        paired_images, paired_labels = pair_files(
+            images, labels, pair_by, images_dir=images_dir, labels_dir=labels_dir
+        )
+        if paired_labels is None:
+            return cls(paired_images, **kwargs)
+        return cls(paired_images, paired_labels, **kwargs)
 
     def __getstate__(self) -> dict[str, Any]:
         # a memory cache is not worth copying to a worker process
@@ -734,6 +756,12 @@ class NiftiDataset(keras.utils.PyDataset):
         shapes = [(*parts[0].shape[:3], sum(p.shape[3] for p in parts)) for parts in samples]
         if self.shape is not None:
             shapes = [(*self.shape, shape[3]) for shape in shapes]
+        if self.pad_to_multiple is not None:
+            multiple = self.pad_to_multiple
+            shapes = [
+                (*(-(-s // m) * m for s, m in zip(shape[:3], multiple, strict=True)), shape[3])
+                for shape in shapes
+            ]
         first = shapes[0]
         for shape, path, subject in zip(shapes, paths, subjects, strict=True):
             if shape != first:
@@ -753,6 +781,15 @@ class NiftiDataset(keras.utils.PyDataset):
                 _copy_reordered(batch[(i, *destination, channels)], part[source])
                 channel = channels.stop
         return batch
+
+
+def _check_multiple(value: Any) -> tuple[int, int, int] | None:
+    if value is None:
+        return None
+    values = [value] * 3 if isinstance(value, numbers.Integral) else value
+    if _is_pathlike(values) or not isinstance(values, (Sequence, np.ndarray)) or len(values) != 3:
+        raise ValueError(f"pad_to_multiple must be None, an int or (x, y, z), got {value!r}")
+    return tuple(_check_positive_int("pad_to_multiple", v) for v in values)
 
 
 def _same_grid(array_a, affine_a, array_b, affine_b) -> bool:

@@ -11,6 +11,7 @@ Grain adapter). Needs the optional extra ``pip install "keras-nii[grain]"``.
 
 from __future__ import annotations
 
+import copy
 import numbers
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +20,7 @@ import numpy as np
 if TYPE_CHECKING:
     from keras_nii.data import NiftiDataset
 
-__all__ = ["NiftiSource", "grain_loader"]
+__all__ = ["NiftiSource", "PatchBatchSource", "grain_loader"]
 
 
 def _grain() -> Any:
@@ -57,6 +58,70 @@ class NiftiSource:
         return f"NiftiSource({len(self)} subjects)"
 
 
+class PatchBatchSource:
+    """A Grain data source of a patch dataset's batches: record ``e * n + b`` is
+    batch ``b`` of epoch ``e``'s patch stream (see :mod:`keras_nii.patches`).
+
+    A patch stream mixes the patches of several subjects in every batch (the
+    queue), so its records are whole batches, in stream order: the stream of
+    epoch ``e`` is the one the PyDataset gives in its epoch ``e`` (the same
+    subject order, drawn from the seed as the PyDataset draws it, and the
+    same patches), so Grain's loader yields exactly the PyDataset's batches.
+    """
+
+    def __init__(self, dataset: NiftiDataset, num_epochs: int) -> None:
+        self._dataset = dataset
+        self._per_epoch = len(dataset)
+        self._epochs = int(num_epochs)
+        self._views: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return self._per_epoch * self._epochs
+
+    def _view(self, epoch: int) -> Any:
+        """The dataset as it stands in ``epoch``: its subject order of that epoch."""
+        view = self._views.get(epoch)
+        if view is None:
+            ds = self._dataset
+            view = copy.copy(ds)
+            n = len(ds.images)
+            if ds.shuffle:
+                rng = np.random.default_rng(ds.seed)
+                for _ in range(epoch + 1):  # one at start, one after each epoch
+                    order = rng.permutation(n)
+                view._global_order = order
+            else:
+                view._global_order = np.arange(n)
+            self._views = {epoch: view}
+        return view
+
+    def __getitem__(self, record_key: int) -> Any:
+        epoch, position = divmod(int(record_key), self._per_epoch)
+        view = self._view(epoch)
+        return view.patches.batch_at(view, position, epoch=epoch)
+
+    def __repr__(self) -> str:
+        return f"PatchBatchSource({self._epochs} epoch(s) of {self._per_epoch} batches)"
+
+
+def _patch_loader(dataset: NiftiDataset, grain: Any, num_epochs: Any, **options: Any) -> Any:
+    if num_epochs is None:
+        raise ValueError("num_epochs must be a number of epochs for a patch dataset, got None")
+    if dataset.shuffle and dataset.seed is None:
+        raise ValueError("as_grain of a shuffled patch dataset needs a seed= to draw its epochs")
+    # the dataset shards its subjects itself (its order is this process's share)
+    sampler = grain.samplers.IndexSampler(
+        num_records=len(dataset) * int(num_epochs),
+        shard_options=grain.sharding.NoSharding(),
+        shuffle=False,
+        num_epochs=1,
+        seed=0,
+    )
+    return grain.DataLoader(
+        data_source=PatchBatchSource(dataset, int(num_epochs)), sampler=sampler, **options
+    )
+
+
 def grain_loader(
     dataset: NiftiDataset,
     *,
@@ -81,6 +146,14 @@ def grain_loader(
 
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
+    if dataset.patches is not None:
+        return _patch_loader(
+            dataset,
+            grain,
+            num_epochs,
+            worker_count=worker_count,
+            worker_buffer_size=worker_buffer_size,
+        )
     shard = dataset.process_shard
     if shard is None:
         shard_options = grain.sharding.NoSharding()

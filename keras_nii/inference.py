@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -88,20 +89,70 @@ def tta_flips(tta: Any) -> list[tuple[int, ...]]:
     return flips
 
 
+def _out_of_memory(err: BaseException | None) -> bool:
+    """Whether an exception, or one that caused it, says that memory ran out.
+
+    TensorFlow raises ``ResourceExhaustedError``, torch ``OutOfMemoryError``,
+    JAX an ``XlaRuntimeError`` whose message starts ``RESOURCE_EXHAUSTED``,
+    NumPy and plain Python ``MemoryError``.
+    """
+    for _ in range(8):  # the cause chain (a wrapper's error, then the model's)
+        if err is None:
+            return False
+        name = type(err).__name__
+        text = str(err)
+        if (
+            isinstance(err, MemoryError)
+            or name in ("ResourceExhaustedError", "OutOfMemoryError")
+            or "RESOURCE_EXHAUSTED" in text
+            or "out of memory" in text.lower()
+        ):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def _flip_averaged(
     run: Callable[[np.ndarray], np.ndarray], flips: list[tuple[int, ...]], variance: bool
 ) -> Callable[[np.ndarray], np.ndarray]:
     """``run`` as the mean of ``flip^-1(run(flip(batch)))`` over ``flips``, in one call.
 
-    All flipped copies of the batch go to the model together. With
-    ``variance``, the variance over the flips follows the mean as more
-    channels: ``(b, x, y, z, 2k)``.
+    All flipped copies of the batch go to the model together, as long as
+    memory allows: when the model runs out of memory (see
+    :func:`_out_of_memory`) on that many windows at once, they are sent in
+    halves, then quarters..., down to one window a call, and the smaller
+    size is kept for the windows that follow. With ``variance``, the
+    variance over the flips follows the mean as more channels:
+    ``(b, x, y, z, 2k)``.
     """
+    per_call: int | None = None
 
     def call(batch: np.ndarray) -> np.ndarray:
+        nonlocal per_call
         n = len(batch)
         copies = [np.flip(batch, [a + 1 for a in axes]) if axes else batch for axes in flips]
-        out = np.asarray(run(np.concatenate(copies)), dtype=np.float32)
+        inputs = np.concatenate(copies)
+        size = len(inputs) if per_call is None else min(per_call, len(inputs))
+        parts, start = [], 0
+        while start < len(inputs):
+            try:
+                part = np.asarray(run(inputs[start : start + size]), dtype=np.float32)
+            except Exception as err:
+                if size == 1 or not _out_of_memory(err):
+                    raise
+                size = max(1, size // 2)
+                warnings.warn(
+                    f"predict_nifti: the model ran out of memory on {2 * size} or more "
+                    f"windows at once; sending the {len(flips)} flipped copies of each "
+                    f"window {size} at a time",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                per_call = size
+                continue
+            parts.append(part)
+            start += size
+        out = parts[0] if len(parts) == 1 else np.concatenate(parts)
         if out.ndim == 4:
             out = out[..., None]
         if out.ndim != 5 or out.shape[:4] != (len(flips) * n, *batch.shape[1:4]):
@@ -389,7 +440,10 @@ def predict_volume(
             such as ``[(0,), (1,), (0, 1)]`` (see :func:`tta_flips`). Each
             window's prediction is the mean of ``flip^-1(model(flip(w)))``
             over the flips, all of which go to the model in one call: a call
-            holds ``batch_size * len(flips)`` windows.
+            holds ``batch_size * len(flips)`` windows. Where memory does not
+            allow that (the model raises an out-of-memory error), the copies
+            are sent in halves, quarters ... down to one a call, with a
+            warning, and the smaller size is kept.
         uncertainty: also return the variance over the flips (needs ``tta``);
             overlapping windows blend it as they blend the mean.
 
@@ -715,7 +769,8 @@ def predict_nifti(
             or a list of flips such as ``[(0,), (1,), (0, 1)]`` (the unflipped
             prediction is always included). The flipped copies of a window
             go to the model in one call (``batch_size`` windows, each with
-            all its flips). See :func:`tta_flips`.
+            all its flips), or in smaller calls when the model runs out of
+            memory. See :func:`tta_flips`.
         uncertainty_path: with ``tta``, a second NIfTI file to write: the
             voxel-wise variance of the model's output across the augmented
             predictions (float32, one channel per output channel, a 4D file

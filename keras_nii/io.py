@@ -150,6 +150,7 @@ def _read_image(path: str):
     if twin is not None and os.path.lexists(twin):
         # a FIFO as the twin would block nibabel's read forever
         storage.regular_file(twin, "NIfTI file")
+    _check_extension_size(path, twin)  # before nibabel reads them
     try:
         img = nib.load(path)
     except ImageFileError as err:
@@ -172,6 +173,46 @@ def _read_image(path: str):
         )
         raise _fail(path, f"its pair file {twin} is missing (a .hdr/.img pair needs both){hint}")
     return img
+
+
+#: header extensions (DICOM, AFNI, JSON ... between the header and the data)
+#: larger than this are refused before nibabel reads them
+MAX_EXTENSION_BYTES = 64 << 20
+
+
+def _check_extension_size(path: str, twin: str | None) -> None:
+    """Refuse a header whose extensions, as its ``vox_offset`` says, are huge.
+
+    nibabel reads a flagged extension whole, as long as it says it is; in a
+    ``.nii.gz`` a decompression bomb can make that any size (1 GiB took 15 s
+    and 1 GB). So the header is peeked at, inflating no more than its own
+    bytes, before nibabel is given the file.
+    """
+    if twin is not None:  # a pair's extensions are the rest of its .hdr: bounded by it
+        return
+    if path.lower().endswith(".gz"):
+        block = storage.gunzip_peek(path, 544)
+    else:
+        try:
+            with open(path, "rb") as file:
+                block = file.read(544)
+        except OSError:
+            return  # nibabel reports it
+    for klass, size in ((nib.Nifti1Header, 348), (nib.Nifti2Header, 540)):
+        for order in "<>":
+            if len(block) < size + 4 or int(np.frombuffer(block[:4], f"{order}i4")[0]) != size:
+                continue
+            fields = np.frombuffer(block[:size], klass.template_dtype.newbyteorder(order))[0]
+            flagged = block[size] != 0
+            extensions = float(fields["vox_offset"]) - size - 4
+            if flagged and np.isfinite(extensions) and extensions > MAX_EXTENSION_BYTES:
+                raise _fail(
+                    path,
+                    f"its header extensions take {extensions:.0f} bytes (vox_offset "
+                    f"{float(fields['vox_offset']):.0f}), more than the "
+                    f"{MAX_EXTENSION_BYTES} keras-nii reads",
+                )
+            return
 
 
 #: voxel sizes (mm) outside this range are a header error, not a scan
@@ -236,7 +277,7 @@ def _checked_affine(img: Any, path: str) -> np.ndarray:
             if problems:
                 warnings.warn(
                     f"{path}: {problems[0]}; using the qform (qform_code {qform_code}) instead",
-                    stacklevel=3,
+                    stacklevel=4,  # _checked_affine, load_nifti, its wrapper, the caller
                 )
             return np.asarray(qform, dtype=np.float64)
         problems.append(

@@ -533,35 +533,55 @@ def _resample_labels(array: np.ndarray, axes) -> np.ndarray:
     background = values[int(np.argmax(counts))]
     out_shape = (*out_spatial, *shape_in[3:])
     order, _ = _memory_order(array)
-    best_label = _empty(out_shape, array.dtype, order)
-    best_label[...] = background
-    if len(values) == 1:
-        return best_label
-    best = _empty(out_shape, np.float32, order)
-    best[...] = 0
-    total = _empty(out_shape, np.float32, order)
-    total[...] = 0
+    result = _empty(out_shape, array.dtype, order)
+    result[...] = background
     taps = {axis: (m, scale, shift) for axis, m, scale, shift in axes}
+    # where each label is, and which part of the new grid it can reach
+    boxes = []
     for value in values:
-        if value == background:
-            continue
-        mask = array == value
-        source_box, target_box, sub_axes = _label_box(mask, shape_in, taps)
-        if source_box is None:
-            continue
-        indicator = mask[source_box].astype(np.float32)
+        if value != background:
+            source_box, target_box, sub_axes = _label_box(array == value, shape_in, taps)
+            if source_box is not None:
+                boxes.append((value, source_box, target_box, sub_axes))
+    if not boxes:
+        return result
+    # outside the union of those parts every voxel is background: work inside it
+    union = tuple(
+        slice(min(b[2][d].start for b in boxes), max(b[2][d].stop for b in boxes)) for d in range(3)
+    )
+    inner = (*[u.stop - u.start for u in union], *shape_in[3:])
+    best_label = _empty(inner, array.dtype, order)
+    best_label[...] = background
+    best = _empty(inner, np.float32, order)
+    best[...] = 0
+    total = _empty(inner, np.float32, order)
+    total[...] = 0
+    for value, source_box, target_box, sub_axes in boxes:
+        here = tuple(
+            slice(t.start - u.start, t.stop - u.start)
+            for t, u in zip(target_box, union, strict=True)
+        )
+        indicator = (array[source_box] == value).astype(np.float32)
         p = _resample_linear(indicator, sub_axes) if sub_axes else indicator
-        region = total[target_box]
+        region = total[here]
         region += p
-        region = best[target_box]
-        wins = p > region
-        region[wins] = p[wins]
-        best_label[target_box][wins] = value
+        region = best[here]
+        # labels come in ascending order: on a tie the smaller one, already there, stays
+        np.copyto(best_label[here], value, where=p > region)
+        np.maximum(region, p, out=region)
     # the background's interpolated indicator is one minus the others'
     p_background = np.subtract(1.0, total, out=total)
-    background_wins = (p_background > best) | ((p_background == best) & (background < best_label))
-    best_label[background_wins] = background
-    return best_label
+    if background < values[-1] and background > values[0]:
+        # ties go to the smaller label: the background against larger ones only
+        wins = np.greater(p_background, best)
+        wins |= (p_background == best) & (best_label > background)
+    elif background == values[0]:  # the smallest label: it wins every tie
+        wins = np.greater_equal(p_background, best)
+    else:  # the largest: it loses every tie
+        wins = np.greater(p_background, best)
+    np.copyto(best_label, background, where=wins)
+    result[union] = best_label
+    return result
 
 
 def _empty(shape: Sequence[int], dtype: Any, order: list[int]) -> np.ndarray:
@@ -580,7 +600,10 @@ def _label_counts(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     low, high = int(array.min()), int(array.max())
     if high - low < (1 << 20):
         flat = array.ravel(order="K")
-        counts = np.bincount(flat.astype(np.int64) - low, minlength=high - low + 1)
+        if low >= 0 and high < (1 << 20) and array.dtype.itemsize < 8:
+            counts = np.bincount(flat, minlength=high + 1)[low:]  # no shifted copy
+        else:
+            counts = np.bincount(np.subtract(flat, low, dtype=np.intp), minlength=high - low + 1)
         values = np.nonzero(counts)[0]
         return (values + low).astype(array.dtype), counts[values]
     values, counts = np.unique(array, return_counts=True)

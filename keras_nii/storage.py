@@ -48,6 +48,7 @@ __all__ = [
     "available_memory",
     "check_memory",
     "gunzip_head",
+    "gunzip_peek",
     "MemoryFile",
     "replace_together",
 ]
@@ -405,6 +406,24 @@ def gunzip_head(path: str, size: int, memory: int = 0, what: str = "") -> np.nda
     except OSError as err:
         raise fail(path, f"cannot be read: {err.strerror or err}") from err
     return buffer
+
+
+def gunzip_peek(path: str, size: int) -> bytes:
+    """Up to the first ``size`` decompressed bytes of a gzip file (fewer when
+    the stream is shorter or damaged there): a look at a header, inflating no
+    more than ``size`` bytes whatever follows. No CRC check."""
+    inflater = zlib.decompressobj(31)
+    out = b""
+    try:
+        with open(path, "rb") as file:
+            while len(out) < size and not inflater.eof:
+                chunk = inflater.unconsumed_tail or file.read(64 * 1024)
+                if not chunk:
+                    break
+                out += inflater.decompress(chunk, size - len(out))
+    except (OSError, zlib.error):
+        pass
+    return out
 
 
 class MemoryFile(io.RawIOBase):

@@ -149,3 +149,21 @@ def test_checkpoint_restored_in_a_new_process_continues_with_the_next_batch(file
     assert done.returncode == 0, done.stderr[-3000:]
     resumed = np.load(tmp_path / "rest.npy")
     np.testing.assert_array_equal(resumed, np.stack(uninterrupted))
+
+
+def test_patch_dataset_gives_the_pydatasets_batches_epoch_by_epoch(files):
+    kwargs = dict(batch_size=2, patch_size=(4, 4, 4), patches_per_volume=2, shuffle=True, seed=4)
+    ds = NiftiDataset(*files, **kwargs)
+    loader = NiftiDataset(*files, **kwargs).as_grain(num_epochs=2)
+    batches = list(loader)
+    assert len(batches) == 2 * len(ds) == 2 * 6
+    for epoch in range(2):
+        for b in range(len(ds)):
+            x, y = ds[b]  # the PyDataset's stream, batch by batch
+            gx, gy = batches[epoch * len(ds) + b]
+            np.testing.assert_array_equal(gx, x)
+            np.testing.assert_array_equal(gy, y)
+        ds.on_epoch_end()
+    assert not np.array_equal(batches[0][0], batches[len(ds)][0])
+    with pytest.raises(ValueError, match="num_epochs"):
+        NiftiDataset(*files, **kwargs).as_grain(num_epochs=None)

@@ -61,8 +61,9 @@ def lying_files(tmp_path):
     (tmp_path / "pair.img").write_bytes(bytes(4096))
     files["pair"] = pair
     noise = np.random.default_rng(0).integers(0, 255, 3 << 20, dtype=np.uint8).tobytes()
-    plausible = tmp_path / "plausible.nii.gz"  # 3 MB of gzip could inflate to 3 GB: it holds 3 MB
-    plausible.write_bytes(gzip.compress(header_bytes((1000,) * 3, np.float32) + noise, 1))
+    # 3 MB of gzip could inflate to the 256 MB claimed: it holds 3 MB
+    plausible = tmp_path / "plausible.nii.gz"
+    plausible.write_bytes(gzip.compress(header_bytes((400,) * 3, np.float32) + noise, 1))
     files["plausible"] = plausible
     return files
 
@@ -71,7 +72,9 @@ def test_lying_headers_fail_fast_and_small(lying_files):
     """Each file fails as a NiftiError in under a second, with under 200 MB of
     RSS above the child's baseline (main took up to 35 s and 13.5 GB, or
     raised a bare MemoryError)."""
-    records = run_cases([{"path": str(p)} for p in lying_files.values()], cap_mb=1024)
+    # the cap leaves room for the 256 MB claim to pass the memory check: it
+    # fails as truncated, having inflated only what the file holds
+    records = run_cases([{"path": str(p)} for p in lying_files.values()], cap_mb=4096)
     for record in records:
         assert record["kind"] == "NiftiError", record
         assert record["path"] in record["message"]
@@ -80,13 +83,26 @@ def test_lying_headers_fail_fast_and_small(lying_files):
         ), record
         assert record["seconds"] < 1.0, record
         assert record["peak_mb"] < 200, record
+    # the plausible claim was inflated as far as the stream went, no further
+    assert "the gzip stream holds" in records[-1]["message"], records[-1]
 
 
 def test_gzip_that_cannot_hold_its_claim_fails_before_inflating(lying_files, monkeypatch):
-    def no_inflating(*args, **kwargs):
-        raise AssertionError("inflated a stream that cannot hold what its header claims")
+    class HeaderOnly:
+        """zlib's inflater, refusing to inflate more than a header."""
 
-    fake = types.SimpleNamespace(decompressobj=no_inflating, error=zlib.error)
+        def __init__(self, wbits):
+            self._inflater = zlib.decompressobj(wbits)
+
+        def __getattr__(self, name):
+            return getattr(self._inflater, name)
+
+        def decompress(self, data, max_length=0):
+            if not 0 < max_length <= 544:
+                raise AssertionError("inflated a stream that cannot hold what its header claims")
+            return self._inflater.decompress(data, max_length)
+
+    fake = types.SimpleNamespace(decompressobj=HeaderOnly, error=zlib.error)
     monkeypatch.setattr(storage, "zlib", fake)  # nibabel's own header read keeps zlib
     with pytest.raises(NiftiError, match="can hold"):
         load_nifti(lying_files["f64-2000"])
@@ -390,3 +406,34 @@ def test_info_is_one_line_for_every_bad_file(tmp_path, capsys):
     for line, path in zip(lines, paths, strict=False):
         assert line.startswith(f"keras-nii: error: {path}: "), line
     assert lines[-1] == f"keras-nii: error: {len(paths)} of {len(paths)} file(s) could not be read"
+
+
+def test_huge_header_extensions_are_refused_before_nibabel_reads_them(tmp_path):
+    """A flagged extension as long as a bomb's 256 MiB of zeros: nibabel read it
+    whole (1 GiB: 15 s and 1 GB); refused from the header's own bytes."""
+    import struct
+
+    offset = 256 << 20
+    header = nib.Nifti1Header()
+    header.set_data_shape((4, 4, 4))
+    header.set_data_dtype(np.float32)
+    header["vox_offset"] = offset
+    path = tmp_path / "extensions.nii.gz"
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)
+    with open(path, "wb") as file:
+        file.write(compressor.compress(header.binaryblock + b"\x01\0\0\0"))
+        file.write(compressor.compress(struct.pack("<ii", offset - 352, 0)))
+        zeros = bytes(1 << 20)
+        for _ in range(offset >> 20):
+            file.write(compressor.compress(zeros))
+        file.write(compressor.compress(np.arange(64, dtype=np.float32).tobytes()))
+        file.write(compressor.flush())
+    (record,) = run_cases([{"path": str(path)}], cap_mb=1024)
+    assert record["kind"] == "NiftiError" and "extensions" in record["message"], record
+    assert record["seconds"] < 1.0 and record["peak_mb"] < 64, record
+    # small extensions are read as nibabel reads them
+    img = nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4))
+    img.header.extensions.append(nib.nifti1.Nifti1Extension(6, b"a comment" * 100))
+    small = tmp_path / "small.nii.gz"
+    nib.save(img, small)
+    np.testing.assert_array_equal(load_nifti(small).array[..., 0], np.ones((4, 4, 4)))

@@ -273,3 +273,44 @@ def test_cli_flag_combinations_are_one_line_errors(capsys, tmp_path):
         capsys, "predict", model_path, scan, out, "--tta", "0", "--uncertainty", tmp_path / "u.nii"
     )
     assert code == 1 and "already exists; pass --overwrite" in err
+
+
+class ResourceExhaustedError(Exception):
+    """Named as TensorFlow's out-of-memory error."""
+
+
+@pytest.mark.parametrize("error", [MemoryError, ResourceExhaustedError])
+def test_flips_are_split_when_memory_runs_out(error):
+    calls = []
+
+    def model(batch):
+        calls.append(len(batch))
+        if len(batch) > 3:
+            raise error("OOM when allocating tensor")
+        return batch[..., :1] * 3.0 + np.flip(batch, 1)[..., :1]  # not flip-equivariant
+
+    volume = np.random.default_rng(1).normal(size=(4, 6, 4, 1)).astype(np.float32)
+    with pytest.warns(RuntimeWarning, match="ran out of memory"):
+        got = predict_volume(
+            model, volume, patch_size=(4, 3, 4), overlap=0.0, tta="flips", batch_size=1
+        )
+    # window 1: 8 fail, 4 fail, then four calls of 2; window 2 starts at 2
+    assert calls == [8, 4, 2, 2, 2, 2, 2, 2, 2, 2]
+    for start in (0, 3):
+        window = volume[:, start : start + 3]
+        # the same windows, one flip at a time
+        want = np.mean([np.flip(model(np.flip(window, f)[None])[0], f) for f in ALL_8], axis=0)
+        np.testing.assert_allclose(got[:, start : start + 3], want, atol=1e-5)
+
+
+def test_other_model_errors_are_not_retried():
+    calls = []
+
+    def model(batch):
+        calls.append(len(batch))
+        raise TypeError("bad input")
+
+    volume = np.zeros((4, 4, 4, 1), np.float32)
+    with pytest.raises(TypeError, match="bad input"):
+        predict_volume(model, volume, tta="flips")
+    assert calls == [8]

@@ -402,3 +402,17 @@ def test_dataset_puts_modalities_of_other_resolutions_on_the_first_ones_grid(tmp
     other = write(tmp_path / "tilted.nii.gz", flair_data, tilted)
     with pytest.raises(NiftiError, match="cannot be resampled onto the grid of .*not parallel"):
         NiftiDataset([[t1, other]], spacing=1.0)[0]
+
+
+@pytest.mark.parametrize(
+    "row, halfway, want",
+    [
+        ([7, 7, 7, 3, 3], 2.5, 3),  # the background (7, most frequent) is not the smallest label
+        ([0, 0, 0, 3, 3], 2.5, 0),  # the background is the smallest
+        ([0, 0, 0, 3, 5], 3.5, 3),  # two labels that are not the background
+    ],
+)
+def test_label_ties_go_to_the_smaller_label(row, halfway, want):
+    labels = np.array(row, np.int16).reshape(5, 1, 1)
+    out = resample_axes(labels, (1, 1, 1), (1.0, 1.0, 1.0), (halfway, 0.0, 0.0))
+    assert out.ravel().tolist() == [want]
