@@ -5,7 +5,7 @@
 DEMO = {
     "out": "keras-nii-demo",
     "seed": 0,
-    "epochs": 12,
+    "epochs": 16,
     "cases": 12,  # training subjects
     "validation": 2,
     "heldout": 3,
@@ -23,10 +23,10 @@ DEMO = {
     "validate_every": 4,
 }
 
-#: ``keras-nii demo --quick``: a sub-minute first look (fewer, smaller scans, 2 epochs).
+#: ``keras-nii demo --quick``: a sub-minute first look (fewer, smaller scans, 4 short epochs).
 DEMO_QUICK = {
     **DEMO,
-    "epochs": 2,
+    "epochs": 4,
     "cases": 4,
     "validation": 1,
     "heldout": 1,
@@ -35,6 +35,6 @@ DEMO_QUICK = {
     "coarsen": 4.0,
     "patch_size": (32, 32, 8),
     "window": (64, 64, 16),
-    "patches_per_volume": 2,
-    "validate_every": 2,
+    "patches_per_volume": 4,
+    "validate_every": 4,
 }

@@ -203,6 +203,8 @@ def run_demo(
     levels = _check_int("levels", config["levels"], 1)
     if any(p % 2**levels for p in patch_size):
         raise ValueError(f"patch_size must be multiples of {2**levels}, got {patch_size}")
+    if json_path is not None and not Path(json_path).parent.is_dir():
+        raise ValueError(f"json_path {json_path}: its folder does not exist")
     out = Path(out)
     _prepare_folder(out, overwrite)
 

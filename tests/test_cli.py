@@ -318,9 +318,12 @@ def test_demo_quick_end_to_end(capsys, tmp_path):
     assert len(shapes) == 4
     # the patches were cached resampled (memory-mappable .npy)
     assert list((out_dir / "cache").rglob("*.npy"))
-    # one progress line per epoch (2), whole-scan validation on the last
+    # one progress line per epoch, whole-scan validation on the last
+    from keras_nii.demo import QUICK
+
     lines = [line for line in out.splitlines() if line.strip().startswith("epoch ")]
-    assert len(lines) == 2 and "whole-scan validation Dice organ" in lines[-1]
+    assert len(lines) == QUICK["epochs"]
+    assert "whole-scan validation Dice organ" in lines[-1]
     assert "training at 4x that" in out
     assert "held-out Dice over 1 scans" in out
     assert "empty prediction 0.000" in out
@@ -361,6 +364,8 @@ def test_demo_bad_setting_is_one_line(capsys, tmp_path):
         run_demo(tmp_path / "d", patch_size=(48, 48, 18))
     with pytest.raises(ValueError, match="unknown demo setting"):
         run_demo(tmp_path / "d", size=32)
+    with pytest.raises(ValueError, match="its folder does not exist"):
+        run_demo(tmp_path / "d", json_path=tmp_path / "no" / "figures.json")
     assert not (tmp_path / "d").exists()
     with pytest.raises(SystemExit):
         main(["demo", "--out", str(tmp_path / "d"), "--epochs", "0"])
