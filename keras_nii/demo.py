@@ -244,9 +244,14 @@ def run_demo(
     lesion_fraction = plan.dataset["labels"].get("2", {}).get("fraction", 0.0)
     log(
         f"plan: target spacing {' x '.join(f'{s:.2f}' for s in plan.target_spacing)} mm; "
-        f"training at {coarsen:g}x that, {' x '.join(f'{s:.2f}' for s in spacing)} mm "
-        f"(to fit a CPU budget); CT normalization: clip to [{norm['clip'][0]:.0f}, "
-        f"{norm['clip'][1]:.0f}] HU, z-score; lesions {100 * lesion_fraction:.3f} % of the voxels "
+        + (
+            f"training at {coarsen:g}x that, {' x '.join(f'{s:.2f}' for s in spacing)} mm "
+            "(coarser, to fit a CPU budget); "
+            if coarsen != 1
+            else "training at it; "
+        )
+        + f"CT normalization: clip to [{norm['clip'][0]:.0f}, {norm['clip'][1]:.0f}] HU, "
+        f"z-score; lesions {100 * lesion_fraction:.3f} % of the voxels "
         f"[{time.perf_counter() - start:.0f} s]"
     )
 
