@@ -396,6 +396,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     fmt = args.format or format_of(args.output_path)
     if os.path.exists(args.output_path) and not args.overwrite:
         raise CommandError(f"{args.output_path} already exists; pass --overwrite to replace it")
+    _quiet(args)
     signature = export_model(
         source, args.output_path, fmt, opset=args.opset, overwrite=args.overwrite
     )

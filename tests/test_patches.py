@@ -265,6 +265,21 @@ def test_stored_class_voxels_are_checked_before_use(own_masks, tmp_path) -> None
         )
 
 
+@pytest.mark.parametrize("layout", ["C", "F", "flipped"])
+def test_class_voxels_in_any_memory_layout(layout: str) -> None:
+    mask = label_map((30, 24, 20), 0).astype(np.int32)
+    view = {
+        "C": mask,
+        "F": np.asfortranarray(mask),
+        "flipped": np.asfortranarray(mask)[::-1, :, ::-1],
+    }
+    array = view[layout]
+    for label in (1, 2):
+        found = kpatches.class_voxels(array, label, seed=0).astype(np.int64)
+        found = found[np.lexsort(found.T[::-1])]  # in the order np.argwhere lists them
+        np.testing.assert_array_equal(found, np.argwhere(array == label))
+
+
 def test_class_voxels_subsample_a_large_class_uniformly() -> None:
     mask = np.zeros((64, 64, 64), np.int32)
     mask[:, :, :32] = 1  # half the volume: subsampled by rejection

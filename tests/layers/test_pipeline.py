@@ -22,7 +22,7 @@ from keras_nii import layers
 from keras_nii.layers.elastic import dense_displacement
 from keras_nii.training import AugmentedModel
 
-from .conftest import BACKEND, compiled, tensorflow_only, to_numpy
+from tests.layers.conftest import BACKEND, compiled, tensorflow_only, to_numpy
 
 SHAPE = (2, 16, 16, 16, 1)
 
