@@ -388,7 +388,11 @@ class PatchQueue:
                 self._shared.value = 0
 
     def plan(self, dataset: Any, epoch: int | None = None) -> list[list[Patch]]:
-        """The windows of every batch of ``epoch`` (default: the current one)."""
+        """The windows of every batch of ``epoch`` (default: the current one).
+
+        Loads every subject of the epoch (for its shape and class voxels); the
+        stream does not move.
+        """
         epoch = self.epoch if epoch is None else epoch
         pairs, _ = self.stream(dataset, epoch)
         drawn = {int(s): self._draw(dataset, epoch, int(s)) for s in np.unique(pairs[:, 0])}

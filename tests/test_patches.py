@@ -98,6 +98,18 @@ def test_image_mask_and_plan_agree_on_every_window(own_masks, cache, tmp_path) -
         ds.on_epoch_end()
 
 
+def test_patches_at_a_voxel_spacing(own_masks) -> None:
+    # resampled on read to 2 mm along x (label maps per label): windows on the new grid
+    ds = dataset(own_masks, spacing=(2.0, 1.0, 1.0), label_probabilities={1: 1, 2: 1})
+    arrays, mask = ds._sample(0)
+    assert arrays[0].shape[:3] == ((SHAPES[0][0] + 1) // 2, *SHAPES[0][1:])
+    for (x, y), windows in zip(epoch(ds), ds.patches.plan(ds), strict=True):
+        assert x.shape == (2, *PATCH, 1)
+        for i, patch in enumerate(windows):
+            offset = np.subtract(patch.voxel, patch.start)
+            assert y[(i, *offset, 0)] == patch.label
+
+
 def test_a_volume_smaller_than_the_patch_is_centred_and_zero_padded(own_masks) -> None:
     ds = dataset(own_masks, patches_per_volume=4)
     small = SHAPES.index((9, 28, 25))
