@@ -1,38 +1,42 @@
-"""The end-to-end demo behind ``keras-nii demo``: phantoms in, a NIfTI prediction out.
+"""The end-to-end demo behind ``keras-nii demo``: a Decathlon-like CT task, end to end.
 
-:func:`run_demo` walks through the whole library on synthetic data, on a
-laptop CPU in a few minutes:
+:func:`run_demo` runs, on synthetic data, the pipeline the README teaches for
+real datasets (scans of different sizes, anisotropic voxels, mixed
+orientations, a lesion class of under 0.1 % of the voxels), in a few minutes
+on a laptop CPU:
 
-1. writes a dataset of head-with-lesions phantoms
-   (:func:`keras_nii.phantoms.make_dataset`) stored in varied orientations
-   (RAS, LPS, oblique) and voxel sizes, plus one held-out LPS case;
-2. feeds them to Keras with :class:`keras_nii.NiftiDataset` (RAS+ arrays,
-   shuffled, cached in memory);
-3. trains a small 3D U-Net (:func:`keras_nii.models.unet3d`) whose first
-   layer is ``ZScoreNormalization(nonzero=True)``, so the saved model takes
-   raw scans, wrapped in :class:`keras_nii.AugmentedModel`: random flips,
-   small rotations/zooms, a gamma change and a bias field, applied to image
-   and mask together inside the training step;
-4. reports the validation Dice after every epoch (``val_dice`` in Keras's
-   progress line);
-5. saves ``model.keras`` and exports a SavedModel (``exported/``);
-6. predicts the held-out scan with :func:`keras_nii.predict_nifti`, which
-   writes ``prediction.nii.gz`` in the scan's own voxel order and affine, and
-   scores it against the scan's label map (both read in the file's own voxel
-   order), next to what an empty and an all-foreground prediction would score;
-7. draws ``slices.png`` (image, reference, prediction) if matplotlib is there.
-
-Intensity augmentation is multiplicative (gamma, bias field): additive noise
-would turn the phantoms' zero background non-zero and change what
-``ZScoreNormalization(nonzero=True)`` normalizes over, between training and
-inference.
+1. writes CT-like abdominal scans with :func:`keras_nii.phantoms.make_ct_dataset`
+   (every scan its own shape, 0.6-0.9 mm in-plane and 1.5-5 mm slices, RAS /
+   LPS / oblique, int16 Hounsfield units with slope / intercept; labels 0
+   background, 1 organ, 2 lesion): training, validation and held-out subjects;
+2. measures the training scans with :func:`keras_nii.fingerprint`: target
+   spacing, CT normalization (clip to the foreground's percentiles, z-score);
+3. feeds patches with :class:`keras_nii.NiftiDataset` (``spacing=``,
+   ``patch_size=``, ``patches_per_volume=``, class-balanced
+   ``label_probabilities=``, a directory ``cache=`` of memory-mappable
+   arrays), at the plan's spacing times ``coarsen`` (a coarser grid, so that
+   the demo fits a CPU budget; ``coarsen=1`` trains at the plan's spacing);
+4. trains a 3-class 3D U-Net whose first layers are the plan's normalization
+   (the saved model takes raw HU), wrapped in :class:`keras_nii.AugmentedModel`:
+   flips, rotations / zooms in millimetres, intensity shift and scale, on
+   image and mask together inside the training step; the patch Dice per class
+   (:class:`keras_nii.metrics.DiceScore`) and, every few epochs, the
+   whole-scan validation Dice
+   (:class:`keras_nii.callbacks.SlidingWindowValidation`) are printed, one
+   line per epoch;
+5. exports the network (``net.export``: a SavedModel) and predicts the
+   held-out scans with it through :func:`keras_nii.predict_nifti`
+   (``spacing=``, ``tta="flips"``), written on each scan's own grid, and
+   scores them per class against their label maps, next to what an empty and
+   an all-foreground prediction would score.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,11 +46,15 @@ import numpy as np
 
 # the defaults live in a module of their own, so that `keras-nii --help` does not import this one
 from keras_nii._defaults import DEMO as DEFAULTS
+from keras_nii._defaults import DEMO_QUICK as QUICK
 
-__all__ = ["run_demo", "DEFAULTS", "DemoError"]
+__all__ = ["run_demo", "DEFAULTS", "QUICK", "DemoError", "CLASSES"]
+
+#: The demo's classes (label value -> name).
+CLASSES = {1: "organ", 2: "lesion"}
 
 # what the demo writes in its folder; --overwrite replaces these and nothing else
-_OUTPUTS = ("data", "heldout", "model.keras", "exported", "prediction.nii.gz", "slices.png")
+_OUTPUTS = ("data", "validation", "heldout", "cache", "model.keras", "exported", "predictions")
 
 
 class DemoError(ValueError):
@@ -77,22 +85,6 @@ def _prepare_folder(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _augmentation(seed: int) -> Any:
-    import keras
-
-    from keras_nii.layers import RandomAffine3D, RandomBiasField, RandomFlip3D, RandomGamma
-
-    return keras.layers.Pipeline(
-        [
-            RandomFlip3D(axes=(0, 1, 2), probability=0.5, seed=seed + 1),
-            RandomAffine3D(degrees=10, scales=0.1, translation=2, probability=0.8, seed=seed + 2),
-            RandomGamma(gamma=(0.8, 1.25), probability=0.5, seed=seed + 3),
-            RandomBiasField(coefficients=0.1, order=2, probability=0.5, seed=seed + 4),
-        ],
-        name="augmentation",
-    )
-
-
 def _export(net: Any, path: Path, factor: int) -> None:
     """``net.export``; under JAX, telling jax2tf that spatial sizes are multiples of ``factor``."""
     import keras
@@ -107,266 +99,314 @@ def _export(net: Any, path: Path, factor: int) -> None:
     net.export(str(path), verbose=False, **kwargs)
 
 
-def _validation_callback(net: Any, dataset: Any) -> Any:
-    """A callback that adds ``val_dice`` (mean Dice over the validation cases) to the logs."""
+def _progress(epochs: int, log: Callable[[str], Any]) -> Any:
+    """A callback that logs one short line per epoch."""
     import keras
 
-    from keras_nii.models import dice_score
-
-    class ValidationDice(keras.callbacks.Callback):
-        def __init__(self) -> None:
-            super().__init__()
-            self.history: list[float] = []
+    class Progress(keras.callbacks.Callback):
+        def on_train_begin(self, logs: dict | None = None) -> None:
+            self.start = time.perf_counter()
 
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            scores = []
-            for i in range(len(dataset)):
-                x, y = dataset[i]
-                probabilities = np.asarray(net.predict_on_batch(x))
-                scores += [dice_score(t, p) for t, p in zip(y, probabilities, strict=True)]
-            value = float(np.mean(scores))
-            self.history.append(value)
-            if logs is not None:
-                # the progress bar runs after this callback: it prints val_dice
-                logs["val_dice"] = value
+            logs = logs or {}
+            parts = [f"epoch {epoch + 1:>2}/{epochs}", f"loss {logs.get('loss', np.nan):.3f}"]
+            patch = ", ".join(
+                f"{n} {logs.get(f'dice_{c}', np.nan):.2f}" for c, n in CLASSES.items()
+            )
+            parts.append(f"patch Dice {patch}")
+            if "val_dice_1" in logs:
+                whole = ", ".join(
+                    f"{n} {logs.get(f'val_dice_{c}', np.nan):.2f}" for c, n in CLASSES.items()
+                )
+                parts.append(f"whole-scan validation Dice {whole}")
+            parts.append(f"{time.perf_counter() - self.start:.0f} s")
+            log("  " + " | ".join(parts))
 
-    return ValidationDice()
+    return Progress()
+
+
+def _dice_references(truth: np.ndarray, predicted: np.ndarray, classes: list[int]) -> dict:
+    """Per class: the Dice of ``predicted``, of an empty and of an all-``c`` prediction."""
+    result = {}
+    for c in classes:
+        t = truth == c
+        p = predicted == c
+        count = int(np.count_nonzero(t))
+        both = count + int(np.count_nonzero(p))
+        result[c] = {
+            "dice": 2.0 * np.count_nonzero(t & p) / both if both else 1.0,
+            "empty": 0.0 if count else 1.0,
+            "full": 2.0 * count / (count + t.size),
+            "fraction": count / t.size,
+        }
+    return result
 
 
 def run_demo(
     out: str | os.PathLike = DEFAULTS["out"],
     *,
-    epochs: int = DEFAULTS["epochs"],
-    cases: int = DEFAULTS["cases"],
-    size: int = DEFAULTS["size"],
+    quick: bool = False,
+    epochs: int | None = None,
+    cases: int | None = None,
     seed: int = DEFAULTS["seed"],
-    batch_size: int = DEFAULTS["batch_size"],
-    filters: int = DEFAULTS["filters"],
-    learning_rate: float = DEFAULTS["learning_rate"],
     overwrite: bool = False,
-    verbose: int | None = None,
+    json_path: str | os.PathLike | None = None,
     log: Callable[[str], Any] = print,
+    **settings: Any,
 ) -> dict[str, Any]:
-    """Run the demo: write phantoms, train, save, export, predict, score, plot.
+    """Run the demo: write CT-like scans, plan, train on patches, export, predict, score.
 
     Args:
         out: the demo folder. It must not exist, or be empty, unless
             ``overwrite`` (then only the demo's own outputs in it are replaced).
-        epochs: training epochs.
-        cases: phantoms for training and validation (a fifth of them, at
-            least 1, validate); one more held-out phantom is predicted at the end.
-        size: phantom size in voxels along each axis (a multiple of 4, >= 16).
-        seed: seed of the data, the shuffling, the augmentation and the weights.
-        batch_size: volumes per training step.
-        filters: channels of the U-Net's first level.
-        learning_rate: Adam's learning rate.
+        quick: the sub-minute version (:data:`QUICK`: fewer, smaller scans,
+            fewer epochs; for a first look, not for its Dice).
+        epochs: training epochs (default: the setting's).
+        cases: training subjects (default: the setting's).
+        seed: seed of the data, the sampling, the augmentation and the weights.
         overwrite: allow a non-empty ``out`` folder.
-        verbose: Keras's ``fit`` verbosity (1: progress bar, 2: one line per
-            epoch); default 1 on a terminal, 2 otherwise.
+        json_path: also write the figures there, as JSON (``heldout_dice``: a
+            mapping from class label, ``"1"``, ``"2"``, to the held-out Dice).
         log: where the demo's messages go.
+        **settings: any other entry of :data:`DEFAULTS` (e.g. ``coarsen``,
+            ``patch_size``, ``filters``, ``learning_rate``).
 
     Returns:
-        A dict with the results: ``dice`` (held-out), ``dice_empty``,
-        ``dice_full``, ``val_dice`` (per epoch), ``files`` (name -> path),
-        ``seconds`` and ``exported`` (whether the SavedModel export worked).
+        The figures: ``heldout_dice`` (class -> mean Dice over the held-out
+        scans), ``heldout`` (per scan and class: Dice, empty and all-foreground
+        references), ``history`` (per epoch), ``plan_spacing``,
+        ``train_spacing``, ``seconds``, ``files``.
 
     Raises:
         DemoError: ``out`` is not empty and ``overwrite`` is false.
         ValueError: a bad argument.
     """
     start = time.perf_counter()
-    epochs = _check_int("epochs", epochs, 1)
-    cases = _check_int("cases", cases, 2)
-    size = _check_int("size", size, 16)
-    if size % 4:
-        raise ValueError(f"size must be a multiple of 4 (the U-Net halves it twice), got {size}")
+    config = dict(QUICK if quick else DEFAULTS)
+    unknown = sorted(set(settings) - set(config))
+    if unknown:
+        raise ValueError(f"unknown demo setting(s): {', '.join(unknown)}")
+    config.update(settings)
+    if epochs is not None:
+        config["epochs"] = epochs
+    if cases is not None:
+        config["cases"] = cases
+    epochs = _check_int("epochs", config["epochs"], 1)
+    cases = _check_int("cases", config["cases"], 2)
     seed = _check_int("seed", seed, 0)
-    batch_size = _check_int("batch_size", batch_size, 1)
-    filters = _check_int("filters", filters, 1)
-    if verbose is None:
-        verbose = 1 if sys.stdout.isatty() else 2
+    n_val = _check_int("validation", config["validation"], 1)
+    n_heldout = _check_int("heldout", config["heldout"], 1)
+    coarsen = float(config["coarsen"])
+    if not coarsen >= 1:
+        raise ValueError(f"coarsen must be a number >= 1, got {coarsen!r}")
+    patch_size = tuple(_check_int("patch_size", p, 8) for p in config["patch_size"])
+    levels = _check_int("levels", config["levels"], 1)
+    if any(p % 2**levels for p in patch_size):
+        raise ValueError(f"patch_size must be multiples of {2**levels}, got {patch_size}")
+    if json_path is not None and not Path(json_path).parent.is_dir():
+        raise ValueError(f"json_path {json_path}: its folder does not exist")
     out = Path(out)
     _prepare_folder(out, overwrite)
 
     import keras
 
+    from keras_nii.callbacks import SlidingWindowValidation
     from keras_nii.data import NiftiDataset
     from keras_nii.inference import predict_nifti
     from keras_nii.io import load_nifti
-    from keras_nii.layers import ZScoreNormalization
-    from keras_nii.models import DiceLoss, dice_score, unet3d
-    from keras_nii.phantoms import make_dataset
+    from keras_nii.layers import RandomIntensityScale, RandomIntensityShift
+    from keras_nii.metrics import DiceScore
+    from keras_nii.models import DiceLoss, unet3d
+    from keras_nii.phantoms import make_ct_dataset
+    from keras_nii.plan import fingerprint
     from keras_nii.training import AugmentedModel
 
     backend = keras.backend.backend()
-    shape = (size, size, size)
     log(f"keras-nii demo: Keras {keras.__version__}, {backend} backend; folder {out.resolve()}")
-    if backend == "jax":
-        import jax
 
-        if jax.default_backend() == "cpu":
-            log(
-                "note: on CPU, XLA (JAX) runs 3D convolutions several times slower than "
-                "TensorFlow's oneDNN kernels: expect this demo to take a few times longer "
-                "than under KERAS_BACKEND=tensorflow"
-            )
-
-    # 1. data: train/validation phantoms in mixed orientations and voxel sizes,
-    # and one held-out case stored LPS with anisotropic voxels
-    pairs = make_dataset(out / "data", cases, shape=shape, seed=seed)
-    heldout_image, heldout_label = make_dataset(
-        out / "heldout",
-        1,
-        shape=shape,
-        seed=seed + 1,
-        orientations=("LPS",),
-        spacings=((1.2, 1.0, 0.9),),
-    )[0]
-    n_val = max(1, cases // 5)
-    train, val = pairs[:-n_val], pairs[-n_val:]
+    # 1. data: every scan its own shape, spacing and orientation
+    shapes = dict(in_plane=tuple(config["in_plane"]), slices=tuple(config["slices"]))
+    train = make_ct_dataset(out / "data", cases, seed=seed, **shapes)
+    val = make_ct_dataset(out / "validation", n_val, seed=seed + 100_000, **shapes)
+    heldout = make_ct_dataset(out / "heldout", n_heldout, seed=seed + 200_000, **shapes)
     log(
-        f"wrote {cases} phantoms of {size}^3 voxels (RAS / LPS / oblique, 1 mm and "
-        f"1.2 x 1.0 x 0.9 mm) in {out / 'data'}: {len(train)} to train, {len(val)} to validate; "
-        f"1 held-out LPS case in {out / 'heldout'}"
+        f"wrote {cases} training, {n_val} validation and {n_heldout} held-out CT-like scans "
+        f"(in-plane {shapes['in_plane'][0]}-{shapes['in_plane'][1]}, "
+        f"{shapes['slices'][0]}-{shapes['slices'][1]} slices, 0.6-0.9 mm x 1.5-5 mm, "
+        "RAS / LPS / oblique, int16 HU; labels 1 organ, 2 lesion) "
+        f"[{time.perf_counter() - start:.0f} s]"
     )
 
-    # 2. feed: RAS+ arrays, cropped/padded to one shape, cached after the first epoch
+    # 2. plan: fingerprint of the training scans
+    plan = fingerprint([str(p) for p, _ in train], [str(q) for _, q in train])
+    spacing = [round(float(s) * coarsen, 4) for s in plan.target_spacing]
+    norm = plan.normalization
+    lesion_fraction = plan.dataset["labels"].get("2", {}).get("fraction", 0.0)
+    log(
+        f"plan: target spacing {' x '.join(f'{s:.2f}' for s in plan.target_spacing)} mm; "
+        + (
+            f"training at {coarsen:g}x that, {' x '.join(f'{s:.2f}' for s in spacing)} mm "
+            "(coarser, to fit a CPU budget); "
+            if coarsen != 1
+            else "training at it; "
+        )
+        + f"CT normalization: clip to [{norm['clip'][0]:.0f}, {norm['clip'][1]:.0f}] HU, "
+        f"z-score; lesions {100 * lesion_fraction:.3f} % of the voxels "
+        f"[{time.perf_counter() - start:.0f} s]"
+    )
+
+    # 3. feed: class-balanced patches, resampled once and cached on disk
     keras.utils.set_random_seed(seed)
+    probabilities = {int(k): float(v) for k, v in config["label_probabilities"].items()}
     train_ds = NiftiDataset(
         [str(p) for p, _ in train],
         [str(q) for _, q in train],
-        batch_size=batch_size,
-        shape=shape,
+        spacing=spacing,
+        patch_size=patch_size,
+        patches_per_volume=config["patches_per_volume"],
+        label_probabilities=probabilities,
+        batch_size=config["batch_size"],
         shuffle=True,
         seed=seed,
-        cache="memory",
-    )
-    val_ds = NiftiDataset(
-        [str(p) for p, _ in val],
-        [str(q) for _, q in val],
-        batch_size=batch_size,
-        shape=shape,
-        cache="memory",
+        cache=out / "cache",
     )
 
-    # 3. model: normalization inside, augmentation in the training step only
+    # 4. model: the plan's normalization inside, augmentation in the training step
+    normalization = keras.Sequential(plan.normalization_layers(), name="normalization")
     net = unet3d(
         (None, None, None, 1),
-        num_classes=1,
-        filters=filters,
-        levels=2,
-        normalization=ZScoreNormalization(nonzero=True, name="zscore"),
+        num_classes=len(CLASSES) + 1,
+        filters=config["filters"],
+        levels=levels,
+        normalization=normalization,
     )
-    model = AugmentedModel(net, _augmentation(seed))
-    # jit_compile="auto": XLA where there is a GPU; on CPU, TensorFlow's XLA
-    # Conv3D is several times slower than its oneDNN kernels
-    # the learning rate decays to 0 along a cosine: the last epochs settle
+    train_plan = dataclasses.replace(plan, target_spacing=spacing)
+    augmentation = keras.layers.Pipeline(
+        [
+            *train_plan.augmentation_layers(seed=seed + 1),
+            RandomIntensityShift(offset=20.0, probability=0.5, seed=seed + 3),
+            RandomIntensityScale(factor=0.1, probability=0.5, seed=seed + 4),
+        ],
+        name="augmentation",
+    )
+    model = AugmentedModel(net, augmentation)
     schedule = keras.optimizers.schedules.CosineDecay(
-        learning_rate, decay_steps=epochs * len(train_ds), alpha=0.05
+        config["learning_rate"], decay_steps=epochs * len(train_ds), alpha=0.05
     )
     model.compile(
         optimizer=keras.optimizers.Adam(schedule),
         loss=DiceLoss(bce_weight=1.0),
+        metrics=[DiceScore(num_classes=len(CLASSES) + 1)],
         jit_compile="auto",
     )
-    log(
-        f"training a 3D U-Net ({net.count_params():,} parameters) for {epochs} epoch(s), "
-        f"batch size {batch_size}, with flips, rotations/zooms, gamma and bias field "
-        "augmentation on the fly; val_dice: mean Dice on the validation cases"
+    every = max(1, int(config["validate_every"]))
+    validation = SlidingWindowValidation(
+        [str(p) for p, _ in val],
+        [str(q) for _, q in val],
+        patch_size=config["window"],
+        every=every,
+        spacing=spacing,
+        num_classes=len(CLASSES) + 1,
+        batch_size=1,
     )
-    callback = _validation_callback(net, val_ds)
+    log(
+        f"training a 3D U-Net ({net.count_params():,} parameters) for {epochs} epochs of "
+        f"{len(train_ds)} steps: {cases} scans x {config['patches_per_volume']} patches of "
+        f"{' x '.join(map(str, patch_size))} voxels, batch {config['batch_size']}, "
+        f"classes drawn {probabilities}; flips, rotations / zooms in mm, intensity shift / "
+        f"scale; whole-scan validation Dice every {every} epochs "
+        "(epoch 1 includes compiling the training step)"
+    )
     fit_start = time.perf_counter()
-    # Keras prints nothing until the first step has been traced and compiled
-    log("compiling the training step (epoch 1 includes it and is the slowest)...")
-    model.fit(train_ds, epochs=epochs, callbacks=[callback], verbose=verbose)
+    history = model.fit(
+        train_ds, epochs=epochs, callbacks=[validation, _progress(epochs, log)], verbose=0
+    )
     fit_seconds = time.perf_counter() - fit_start
 
-    # 4. save and export (the wrapped network: no augmentation in them)
+    # 5. save, export, predict the held-out scans on their own grids with the export
     files: dict[str, Path] = {
-        "training images": out / "data" / "images",
-        "training labels": out / "data" / "labels",
-        "held-out scan": Path(heldout_image),
-        "held-out label": Path(heldout_label),
+        "training scans": out / "data",
+        "validation scans": out / "validation",
+        "held-out scans": out / "heldout",
+        "patch cache": out / "cache",
     }
     model_path = out / "model.keras"
     net.save(model_path)
     files["Keras model"] = model_path
-    exported = False
     export_path = out / "exported"
+    predictor: Any = net
     try:
-        _export(net, export_path, factor=4)
+        _export(net, export_path, factor=2**levels)
     except Exception as err:  # export needs TensorFlow (and jax2tf under JAX)
-        log(
-            f"note: SavedModel export skipped under the {backend} backend ({type(err).__name__}: {err})"
-        )
+        log(f"note: SavedModel export skipped under {backend} ({type(err).__name__}: {err})")
         shutil.rmtree(export_path, ignore_errors=True)
     else:
-        exported = True
         files["exported SavedModel"] = export_path
-
-    # 5. predict the held-out scan, written in its own space
-    prediction_path = out / "prediction.nii.gz"
-    predict_nifti(net, heldout_image, prediction_path)
-    files["prediction"] = prediction_path
-    truth = load_nifti(heldout_label, canonical=False, dtype="uint8").array
-    predicted = load_nifti(prediction_path, canonical=False, dtype="uint8").array
-    dice = dice_score(truth, predicted)
-    fraction = float(np.count_nonzero(truth)) / truth.size
-    dice_empty = dice_score(truth, np.zeros_like(truth))
-    dice_full = dice_score(truth, np.ones_like(truth))
-
-    # 6. picture
-    slices_path = out / "slices.png"
-    try:
-        from keras_nii.plot import show_slices
-
-        image = load_nifti(heldout_image)
-        reference = load_nifti(heldout_label, dtype="uint8")
-        prediction = load_nifti(prediction_path, dtype="uint8")
-        # the slices go through the lesion voxel closest to the lesions' centroid
-        lesion = np.argwhere(reference.array[..., 0] > 0)
-        index = None
-        if len(lesion):
-            nearest = np.argmin(((lesion - lesion.mean(axis=0)) ** 2).sum(axis=1))
-            index = tuple(int(v) for v in lesion[nearest])
-        show_slices(
-            image,
-            reference,
-            prediction,
-            index=index,
-            title=f"held-out phantom (green: reference, red: prediction), Dice {dice:.3f}",
-            path=slices_path,
+        predictor = str(export_path)
+    predictions = out / "predictions"
+    predictions.mkdir()
+    files["held-out predictions"] = predictions
+    predict_start = time.perf_counter()
+    per_scan = []
+    for image_path, label_path in heldout:
+        target = predictions / Path(image_path).name
+        predict_nifti(
+            predictor,
+            image_path,
+            target,
+            patch_size=config["window"],
+            spacing=spacing,
+            tta="flips",
+            batch_size=1,
         )
-    except ImportError:
-        log("note: matplotlib is not installed, slices.png skipped (pip install keras-nii[plot])")
-    else:
-        files["slices"] = slices_path
+        truth = load_nifti(label_path, canonical=False, dtype="int32").array[..., 0]
+        predicted = load_nifti(target, canonical=False, dtype="int32").array[..., 0]
+        per_scan.append(_dice_references(truth, predicted, list(CLASSES)))
+    predict_seconds = time.perf_counter() - predict_start
 
+    heldout_dice = {str(c): float(np.mean([s[c]["dice"] for s in per_scan])) for c in CLASSES}
     seconds = time.perf_counter() - start
     log("")
-    log(f"held-out Dice: {dice:.3f}   (lesions are {100 * fraction:.2f}% of the voxels)")
     log(
-        f"  for reference: an empty prediction scores {dice_empty:.3f}, all-foreground {dice_full:.3f}"
+        f"held-out Dice over {len(per_scan)} scans (predicted with the SavedModel on their own "
+        f"grids, via {' x '.join(f'{s:.2f}' for s in spacing)} mm, 8-flip TTA):"
     )
-    log(
-        f"  best validation Dice {max(callback.history):.3f} (epoch {int(np.argmax(callback.history)) + 1})"
-    )
+    for c, name in CLASSES.items():
+        empty = np.mean([s[c]["empty"] for s in per_scan])
+        full = np.mean([s[c]["full"] for s in per_scan])
+        fraction = np.mean([s[c]["fraction"] for s in per_scan])
+        log(
+            f"  {c} {name:<6}  {heldout_dice[str(c)]:.3f}   (empty prediction {empty:.3f}, "
+            f"all-{name} {full:.4f}; {100 * fraction:.3f} % of the voxels)"
+        )
     log("files:")
     width = max(len(name) for name in files)
     for name, path in files.items():
         log(f"  {name:<{width}}  {path}")
-    log(f"training took {fit_seconds:.0f} s, the whole demo {seconds:.0f} s")
-    if exported:
-        log(f"next: keras-nii predict {export_path} YOUR_SCAN.nii.gz OUT.nii.gz")
-    else:
-        log(f"next: keras-nii predict {model_path} YOUR_SCAN.nii.gz OUT.nii.gz")
-    return {
-        "dice": dice,
-        "dice_empty": dice_empty,
-        "dice_full": dice_full,
-        "val_dice": list(callback.history),
-        "files": files,
+    log(
+        f"training took {fit_seconds:.0f} s, the held-out predictions {predict_seconds:.0f} s, "
+        f"the whole demo {seconds:.0f} s"
+    )
+    log(f"next: keras-nii predict {predictor} YOUR_SCAN.nii.gz OUT.nii.gz")
+    result = {
+        "heldout_dice": heldout_dice,
+        "heldout": [
+            {str(c): {k: float(v) for k, v in s[c].items()} for c in CLASSES} for s in per_scan
+        ],
+        "history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
+        "plan_spacing": [float(s) for s in plan.target_spacing],
+        "train_spacing": spacing,
+        "coarsen": coarsen,
+        "epochs": epochs,
+        "cases": cases,
+        "seed": seed,
+        "quick": bool(quick),
+        "backend": backend,
         "seconds": seconds,
         "fit_seconds": fit_seconds,
-        "exported": exported,
+        "predict_seconds": predict_seconds,
+        "files": {k: str(v) for k, v in files.items()},
     }
+    if json_path is not None:
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+    return result

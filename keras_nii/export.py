@@ -38,6 +38,9 @@ FORMATS = ("savedmodel", "onnx", "litert")
 
 _SUFFIXES = {"onnx": ".onnx", "litert": ".tflite"}
 
+#: the ONNX metadata key of the multiple that the input's spatial sizes must be
+DIVISOR_KEY = "keras_nii.size_divisor"
+
 
 @dataclass(frozen=True)
 class TensorSignature:
@@ -115,16 +118,22 @@ def export_model(
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     suffix = _SUFFIXES.get(fmt)
     if suffix is not None and not path.lower().endswith(suffix):
-        raise ValueError(f"an {fmt} artifact is a {suffix} file, got path {path!r}")
-    if suffix is None and format_of(path) != "savedmodel" or path.lower().endswith(".keras"):
+        raise ValueError(f"the {fmt} format writes a {suffix} file, got path {path!r}")
+    if suffix is None and (format_of(path) != "savedmodel" or path.lower().endswith(".keras")):
         raise ValueError(f"a SavedModel is a folder, not a file like {path!r}")
     if isinstance(model, (str, os.PathLike)):
-        source = os.fspath(model)
-        if os.path.exists(path) and os.path.exists(source) and os.path.samefile(source, path):
-            raise ValueError(f"refusing to write {path}: it is the model being exported")
-        model = _load_keras(source)
-    if os.path.exists(path) and not overwrite:
-        raise ValueError(f"{path} already exists; pass overwrite=True to replace it")
+        source = os.path.abspath(os.fspath(model))
+        target = os.path.abspath(path)
+        if source == target or source.startswith(target.rstrip(os.sep) + os.sep):
+            raise ValueError(f"refusing to write {path}: it is or holds the model being exported")
+        model = _load_keras(os.fspath(model))
+    if os.path.exists(path):
+        if not overwrite:
+            raise ValueError(f"{path} already exists; pass overwrite=True to replace it")
+        if fmt == "savedmodel" and not os.path.isfile(os.path.join(path, "saved_model.pb")):
+            raise ValueError(f"refusing to replace {path}: it is not a SavedModel folder")
+        if fmt != "savedmodel" and not os.path.isfile(path):
+            raise ValueError(f"refusing to replace {path}: it is not a file")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ValueError(f"cannot write {path}: folder {folder} does not exist")
@@ -169,31 +178,42 @@ def _export_onnx(model: Any, path: str, opset: int | None) -> None:
             verbose=False,
         )
         names = getattr(model, "output_names", None) or [t.name for t in model.outputs]
-        _name_onnx_outputs(tmp, list(names))
+        _finish_onnx(tmp, list(names), model)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def _name_onnx_outputs(path: str, names: list[str]) -> None:
-    """Give the graph's outputs the Keras model's output names (tf2onnx's are 'Identity:0')."""
+def _finish_onnx(path: str, names: list[str], keras_model: Any) -> None:
+    """Name the graph's outputs as the Keras model's (tf2onnx's are 'Identity:0'), and
+    record the model's size divisor in the metadata (``keras_nii.size_divisor``)."""
     import onnx
+
+    from keras_nii.inference import size_divisor
 
     model = onnx.load(path)
     graph = model.graph
     taken = {v for node in graph.node for v in (*node.input, *node.output)}
     taken |= {t.name for t in (*graph.input, *graph.initializer)}
-    if len(names) != len(graph.output) or len(set(names)) != len(names) or taken & set(names):
-        return
-    renamed = {out.name: new for out, new in zip(graph.output, names, strict=True)}
-    for node in graph.node:
-        for i, value in enumerate(node.output):
-            node.output[i] = renamed.get(value, value)
-        for i, value in enumerate(node.input):
-            node.input[i] = renamed.get(value, value)
-    for out in graph.output:
-        out.name = renamed[out.name]
+    if len(names) == len(graph.output) and len(set(names)) == len(names) and not taken & set(names):
+        renamed = {out.name: new for out, new in zip(graph.output, names, strict=True)}
+        for node in graph.node:
+            for i, value in enumerate(node.output):
+                node.output[i] = renamed.get(value, value)
+            for i, value in enumerate(node.input):
+                node.input[i] = renamed.get(value, value)
+        for out in graph.output:
+            out.name = renamed[out.name]
+    divisor = size_divisor(keras_model)
+    if divisor is not None and divisor != (1, 1, 1):
+        onnx.helper.set_model_props(
+            model,
+            {
+                **{p.key: p.value for p in model.metadata_props},
+                DIVISOR_KEY: ",".join(str(d) for d in divisor),
+            },
+        )
     onnx.save(model, path)
 
 

@@ -277,7 +277,7 @@ def _checked_affine(img: Any, path: str) -> np.ndarray:
             if problems:
                 warnings.warn(
                     f"{path}: {problems[0]}; using the qform (qform_code {qform_code}) instead",
-                    stacklevel=3,
+                    stacklevel=4,  # _checked_affine, load_nifti, its wrapper, the caller
                 )
             return np.asarray(qform, dtype=np.float64)
         problems.append(
@@ -702,8 +702,11 @@ def save_nifti(
         raise ValueError(
             f"array must be (x, y, z) or (x, y, z, c), got shape {data.shape} for {path}"
         )
-    if dtype is not None:
+    resampled_back = like is not None and like.resampling is not None
+    if dtype is not None and not resampled_back:
         data = data.astype(np.dtype(dtype), copy=False)
+    elif dtype is not None:
+        pass  # cast once back on the file's grid: a float image is resampled as one
     elif data.dtype == bool:
         data = data.astype(np.uint8)
     elif data.dtype == np.float16:
@@ -737,6 +740,8 @@ def save_nifti(
                     f"of like= ({like.path})"
                 )
         data = like.to_source(data, interpolation)
+        if dtype is not None and resampled_back:
+            data = data.astype(np.dtype(dtype), copy=False)
         if dtype is None and isinstance(like.header, nib.Nifti1Header):
             scaling = _requantize(data, like.header)
         affine = like.source_affine if like.source_affine is not None else like.affine

@@ -60,13 +60,15 @@ def is_tensorflow_log_line(line: bytes | str) -> bool:
 @contextlib.contextmanager
 def _filtered_stderr() -> Iterator[None]:
     """Catch what is written to fd 2 inside the block; write back all but TF's log lines."""
+    # file descriptor 2 itself, not sys.stderr: a Jupyter kernel replaces sys.stderr with a
+    # stream without a descriptor, and forwards what is written to fd 2 to the notebook
+    fd = 2
     try:
-        fd = sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):  # no real stderr (e.g. captured by a host)
+        sys.stderr.flush()
+        saved = os.dup(fd)
+    except (AttributeError, OSError, ValueError):  # no stderr at all (e.g. pythonw)
         yield
         return
-    sys.stderr.flush()
-    saved = os.dup(fd)
     with tempfile.TemporaryFile() as caught:
         os.dup2(caught.fileno(), fd)
         try:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from keras_nii.export import TensorSignature
+from keras_nii.export import DIVISOR_KEY, TensorSignature
 
 __all__ = ["OnnxModel", "LiteRTModel", "litert_interpreter"]
 
@@ -58,6 +58,9 @@ class OnnxModel:
 
     Attributes:
         input_shape: the input's shape, ``None`` where it is symbolic.
+        size_divisor: the multiple the spatial sizes must be, from the file's
+            ``keras_nii.size_divisor`` metadata (written by
+            :func:`keras_nii.export.export_model`), or ``None``.
         inputs, outputs: the :class:`~keras_nii.export.TensorSignature` of each.
     """
 
@@ -99,6 +102,14 @@ class OnnxModel:
                 f"{len(self.inputs)} ({', '.join(t.name for t in self.inputs)})"
             )
         self.input_shape = self.inputs[0].shape
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        divisor = metadata.get(DIVISOR_KEY)
+        self.size_divisor = None
+        if divisor:
+            try:
+                self.size_divisor = tuple(int(v) for v in divisor.split(","))
+            except ValueError:
+                raise ValueError(f"model {path}: bad {DIVISOR_KEY} metadata {divisor!r}") from None
         self._input = self.inputs[0]
         self._output = self.outputs[0].name
 

@@ -22,7 +22,8 @@ result holds the value at ``new_affine @ (i, j, k, 1)``, exactly.
 The sampling is separable -- one pass per axis, the axis that shrinks most
 first -- and vectorised in NumPy (no SciPy, no Keras): each pass gathers the
 two neighbours of every sample point along its axis and blends them, block by
-block, so that the temporaries stay in the CPU's cache. Sample points beyond
+block, so that the temporaries stay in the CPU's cache, the blocks spread over
+the CPU's cores (NumPy releases the GIL). Sample points beyond
 the outermost voxel centres take the edge value (``mode="nearest"`` in
 SciPy's terms), never zeros: a voxel of the new grid that overhangs the old
 field of view is a copy of its neighbour inside it.
@@ -44,8 +45,14 @@ Interpolation:
   thickened. Each label is resampled inside its own bounding box, so small
   structures cost little; the most frequent label (the background) is not
   resampled at all but follows from the others (the indicators of all labels
-  sum to one, before and after linear interpolation).
-- ``"nearest"``: the value of the nearest voxel, per axis (any dtype).
+  sum to one, before and after linear interpolation), and outside the part
+  of the new grid that some other label reaches everything is background.
+- ``"nearest"``: the value of the nearest voxel, per axis (any dtype; a
+  sample point halfway between two voxels takes the upper one).
+
+:func:`resample_onto` puts an array onto another grid whose voxel axes are
+parallel to its own (another resolution or field of view, as for two scans
+of one session): the same separable sampler.
 
 No anti-aliasing filter is applied when a grid is coarsened (as with the
 peers above): smooth first if a large downsampling must not alias.

@@ -52,16 +52,19 @@ class AugmentedModel(keras.Model):
     import keras_nii
     from keras_nii import layers
 
-    net = keras.Sequential([...])           # a 3D segmentation network
-    augment = keras.layers.Pipeline([
+    net = keras.Sequential([...])           # a 3D segmentation network, normalization first
+    augment = keras.layers.Pipeline([        # spatial: image and mask together
         layers.RandomFlip3D(seed=1),
         layers.RandomAffine3D(degrees=15, scales=0.1, seed=2),
-        layers.RandomGaussianNoise(std=(0, 0.05), seed=3),
     ])
     model = keras_nii.AugmentedModel(net, augment)
-    model.compile("adam", "binary_crossentropy", jit_compile=True)
+    model.compile("adam", "binary_crossentropy")  # jit_compile="auto": XLA on GPU only
     model.fit(keras_nii.NiftiDataset(images, labels, shape=(64, 64, 64)))
-    net.export("exported")                  # no augmentation in the export
+    net.export("exported", verbose=False)   # no augmentation in the export
+
+    Intensity augmentation (noise, gamma) belongs after the normalization:
+    inside ``net``, behind its normalization layer, where a random layer is
+    active during ``fit`` only.
     ```
     """
 

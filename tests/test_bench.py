@@ -433,3 +433,49 @@ def test_pipeline_rows(monkeypatch: pytest.MonkeyPatch) -> None:
         assert by_library["MONAI"]["status"] == "not installed"
     else:
         assert by_library["MONAI"]["status"] == "ok", by_library["MONAI"]["note"]
+
+
+def test_patches_rows_and_targets(monkeypatch: pytest.MonkeyPatch) -> None:
+    from keras_nii.bench import patches as bench_patches
+
+    _block_peers(monkeypatch)
+    rows = bench.run_benchmarks(size=16, batch=1, repeats=1, only=["patches"])
+    ours = [r for r in rows if r["library"] == "keras-nii"]
+    assert [r["variant"] for r in ours] == ["cold", "cached", "cached"]
+    n = bench_patches.SCANS * bench_patches.PER_VOLUME
+    for row in ours:
+        assert row["status"] == "ok", row["note"]
+        assert row["volumes_per_call"] == n and row["ms_per_volume"] > 0
+    peers = {(r["library"], r["variant"]): r["status"] for r in rows if r["library"] != "keras-nii"}
+    assert peers == {
+        ("TorchIO", "cold"): "not installed",
+        ("MONAI", "cold"): "not installed",
+        ("MONAI", "cached"): "not installed",
+    }
+
+    def row(library, variant, first_ms, ms):
+        return {
+            "operation": "patches",
+            "variant": variant,
+            "library": library,
+            "runtime": "x",
+            "status": "ok",
+            "first_call_ms": first_ms,
+            "volumes_per_call": 32,
+            "volumes_per_s": 32_000.0 / ms,
+            "reference": False,
+            "note": "",
+        }
+
+    measured = [
+        row("keras-nii", "cold", 4000.0, 4000.0),  # 8 patches/s
+        row("keras-nii", "cached", 6000.0, 100.0),  # 320 patches/s after the first epoch
+        row("TorchIO", "cold", 16000.0, 16000.0),  # 2 patches/s
+        row("MONAI", "cold", 8000.0, 8000.0),  # 4 patches/s
+        row("MONAI", "cached", 10000.0, 1000.0),  # first epoch 3.2/s, then 32/s
+    ]
+    targets = {t["target"]: t for t in bench.check_targets(measured)}
+    assert targets["patches cold vs fastest peer"]["measured"] == pytest.approx(2.0)
+    assert targets["patches cached vs TorchIO"]["measured"] == pytest.approx(160.0)
+    assert targets["patches cached vs fastest cached peer"]["measured"] == pytest.approx(10.0)
+    assert all(t["met"] for t in targets.values() if t["target"].startswith("patches"))

@@ -59,11 +59,12 @@ def training_data():
     return x, three_classes(x).astype(np.int32)
 
 
-def reference_dice(model, images, labels, tmp_path) -> dict[str, float]:
+def reference_dice(model, images, labels, tmp_path, **options) -> dict[str, float]:
     """predict_nifti to files, then NumPy: the mean over scans of each class's Dice."""
     per_scan = []
     for i, (image, label) in enumerate(zip(images, labels, strict=True)):
-        out = predict_nifti(model, image, tmp_path / f"pred{i}.nii.gz", patch_size=(8, 8, 8))
+        out = tmp_path / f"pred{i}.nii.gz"
+        predict_nifti(model, image, out, patch_size=(8, 8, 8), **options)
         predicted = np.asarray(nib.load(out).dataobj)
         truth = np.asarray(nib.load(label).dataobj)
         row = []
@@ -101,6 +102,19 @@ def test_fit_logs_whole_scan_dice_per_class(scans, tmp_path) -> None:
     for key, value in expected.items():
         assert history[key][-1] == pytest.approx(value, abs=1e-6)
     assert validate.last_scores.shape == (2, 3)
+
+
+def test_spacing_and_tta_are_predict_niftis(scans, tmp_path) -> None:
+    images, labels = scans
+    model = tiny_model()
+    model.compile(optimizer=keras.optimizers.Adam(0.05), loss="sparse_categorical_crossentropy")
+    options = dict(spacing=(2.0, 1.0, 1.5), tta=[(0,), (1, 2)])
+    validate = SlidingWindowValidation(images, labels, patch_size=(8, 8, 8), **options)
+    x, y = training_data()
+    history = model.fit(x, y, batch_size=2, epochs=1, callbacks=[validate], verbose=0).history
+    expected = reference_dice(model, images, labels, tmp_path, **options)
+    for key, value in expected.items():
+        assert history[key][-1] == pytest.approx(value, abs=1e-6)
 
 
 def test_with_augmented_model_and_model_checkpoint(scans, tmp_path) -> None:

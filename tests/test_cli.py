@@ -242,7 +242,7 @@ def test_predict_model_failure_is_one_line(capsys, tmp_path, tiny_model):
     ("argv", "expected"),
     [
         ([], "usage: keras-nii [-h]"),
-        (["demo"], "usage: keras-nii demo [-h] [--out DIR] [--epochs N] [--cases N]"),
+        (["demo"], "usage: keras-nii demo [-h] [--out DIR] [--quick] [--epochs N]"),
         (["info"], "usage: keras-nii info [-h] FILE [FILE ...]"),
         (["predict"], "MODEL IN [IN ...] OUT"),
     ],
@@ -297,30 +297,57 @@ def test_bench_missing_is_one_line(capsys, monkeypatch):
 
 
 @pytest.mark.slow
-def test_demo_tiny_end_to_end(capsys, tmp_path):
+def test_demo_quick_end_to_end(capsys, tmp_path):
+    import json
+
     out_dir = tmp_path / "demo"
-    argv = ["demo", "--out", out_dir, "--epochs", 1, "--cases", 4, "--size", 16, "--seed", 3]
+    figures = tmp_path / "figures.json"
+    argv = ["demo", "--quick", "--out", out_dir, "--seed", 3, "--json", figures]
     code, out, err = _run(capsys, *argv)
     assert code == 0, err
-    for name in ("model.keras", "prediction.nii.gz", "slices.png"):
-        assert (out_dir / name).is_file(), name
+    assert (out_dir / "model.keras").is_file()
     assert (out_dir / "exported" / "saved_model.pb").is_file()
     assert len(list((out_dir / "data" / "images").glob("case_*.nii.gz"))) == 4
-    assert "val_dice" in out
-    # the silent first epoch is announced, before Keras's first progress line
-    assert "compiling the training step" in out
-    assert out.index("compiling the training step") < out.index("loss:")
-    assert "held-out Dice:" in out
-    assert "an empty prediction scores 0.000, all-foreground" in out
-    for path in ("model.keras", "exported", "prediction.nii.gz", "slices.png"):
-        assert str(out_dir / path) in out
-    # the prediction lies on the held-out scan's grid (LPS, anisotropic voxels)
-    heldout = nib.load(out_dir / "heldout" / "images" / "case_000.nii.gz")
-    prediction = nib.load(out_dir / "prediction.nii.gz")
-    assert prediction.shape == heldout.shape
-    np.testing.assert_allclose(prediction.affine, heldout.affine)
-    assert nib.aff2axcodes(prediction.affine) == ("L", "P", "S")
-    assert (out_dir / "slices.png").read_bytes().startswith(b"\x89PNG")
+    # the CT-like scans: int16 HU with slope / intercept, every one its own shape
+    shapes = set()
+    for path in (out_dir / "data" / "images").glob("case_*.nii.gz"):
+        img = nib.load(path)
+        assert img.get_data_dtype() == np.int16
+        assert img.dataobj.inter == -1024
+        shapes.add(img.shape)
+    assert len(shapes) == 4
+    # the patches were cached resampled (memory-mappable .npy)
+    assert list((out_dir / "cache").rglob("*.npy"))
+    # one progress line per epoch, whole-scan validation on the last
+    from keras_nii.demo import QUICK
+
+    lines = [line for line in out.splitlines() if line.strip().startswith("epoch ")]
+    assert len(lines) == QUICK["epochs"]
+    assert "whole-scan validation Dice organ" in lines[-1]
+    assert "training at 4x that" in out
+    assert "held-out Dice over 1 scans" in out
+    assert "empty prediction 0.000" in out
+
+    # the predictions lie on the held-out scans' own grids, and the reported Dice
+    # is NumPy's on the files
+    data = json.loads(figures.read_text())
+    assert set(data["heldout_dice"]) == {"1", "2"}
+    [image_path] = sorted((out_dir / "heldout" / "images").glob("case_*.nii.gz"))
+    scan = nib.load(image_path)
+    prediction = nib.load(out_dir / "predictions" / image_path.name)
+    assert prediction.shape == scan.shape
+    np.testing.assert_allclose(prediction.affine, scan.affine)
+    truth = np.asarray(nib.load(out_dir / "heldout" / "labels" / image_path.name).dataobj)
+    predicted = np.asarray(prediction.dataobj)
+    for c in (1, 2):
+        t, p = truth == c, predicted == c
+        total = t.sum() + p.sum()
+        expected = 2.0 * (t & p).sum() / total if total else 1.0
+        assert data["heldout_dice"][str(c)] == pytest.approx(expected)
+        assert data["heldout"][0][str(c)]["full"] == pytest.approx(2 * t.sum() / (t.sum() + t.size))
+    # a quick run already finds the organ (its all-organ reference is under 0.15)
+    assert data["heldout_dice"]["1"] > 0.5
+    assert str(out_dir / "exported") in out
 
     # a second run refuses the non-empty folder, before any work
     code, _, err = _run(capsys, *argv)
@@ -330,13 +357,19 @@ def test_demo_tiny_end_to_end(capsys, tmp_path):
     assert "--overwrite" in line
 
 
-def test_demo_bad_size_is_one_line(capsys, tmp_path):
-    code, _, err = _run(capsys, "demo", "--out", tmp_path / "d", "--size", 18)
-    assert code == 1
-    assert _error_lines(err) == [
-        "keras-nii: error: size must be a multiple of 4 (the U-Net halves it twice), got 18"
-    ]
+def test_demo_bad_setting_is_one_line(capsys, tmp_path):
+    from keras_nii.demo import run_demo
+
+    with pytest.raises(ValueError, match="multiples of 4"):
+        run_demo(tmp_path / "d", patch_size=(48, 48, 18))
+    with pytest.raises(ValueError, match="unknown demo setting"):
+        run_demo(tmp_path / "d", size=32)
+    with pytest.raises(ValueError, match="its folder does not exist"):
+        run_demo(tmp_path / "d", json_path=tmp_path / "no" / "figures.json")
     assert not (tmp_path / "d").exists()
+    with pytest.raises(SystemExit):
+        main(["demo", "--out", str(tmp_path / "d"), "--epochs", "0"])
+    assert "keras-nii demo: error: argument --epochs" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- entry points

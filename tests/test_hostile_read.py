@@ -61,9 +61,9 @@ def lying_files(tmp_path):
     (tmp_path / "pair.img").write_bytes(bytes(4096))
     files["pair"] = pair
     noise = np.random.default_rng(0).integers(0, 255, 3 << 20, dtype=np.uint8).tobytes()
-    # 3 MB of gzip could inflate to the 1.4 GB claimed: it holds 3 MB
+    # 3 MB of gzip could inflate to the 256 MB claimed: it holds 3 MB
     plausible = tmp_path / "plausible.nii.gz"
-    plausible.write_bytes(gzip.compress(header_bytes((700,) * 3, np.float32) + noise, 1))
+    plausible.write_bytes(gzip.compress(header_bytes((400,) * 3, np.float32) + noise, 1))
     files["plausible"] = plausible
     return files
 
@@ -72,7 +72,7 @@ def test_lying_headers_fail_fast_and_small(lying_files):
     """Each file fails as a NiftiError in under a second, with under 200 MB of
     RSS above the child's baseline (main took up to 35 s and 13.5 GB, or
     raised a bare MemoryError)."""
-    # the cap leaves room for the 1.4 GB claim to pass the memory check: it
+    # the cap leaves room for the 256 MB claim to pass the memory check: it
     # fails as truncated, having inflated only what the file holds
     records = run_cases([{"path": str(p)} for p in lying_files.values()], cap_mb=4096)
     for record in records:
@@ -83,6 +83,8 @@ def test_lying_headers_fail_fast_and_small(lying_files):
         ), record
         assert record["seconds"] < 1.0, record
         assert record["peak_mb"] < 200, record
+    # the plausible claim was inflated as far as the stream went, no further
+    assert "the gzip stream holds" in records[-1]["message"], records[-1]
 
 
 def test_gzip_that_cannot_hold_its_claim_fails_before_inflating(lying_files, monkeypatch):

@@ -114,3 +114,26 @@ def test_fit_logs_every_class_and_the_mean() -> None:
     metric = DiceScore(3)
     metric.update_state(y, model.predict(x, verbose=0))
     assert history["val_dice_mean"][-1] == pytest.approx(float(metric.result()["dice_mean"]), 1e-4)
+
+
+def test_predict_nifti_writes_labels_in_the_smallest_type_for_k(tmp_path) -> None:
+    import nibabel as nib
+
+    from keras_nii import predict_nifti
+
+    rng = np.random.default_rng(4)
+    scan = rng.random((9, 8, 7)).astype(np.float32)
+    nib.save(nib.Nifti1Image(scan, np.eye(4)), tmp_path / "scan.nii.gz")
+    for k, dtype in ((3, np.uint8), (256, np.uint8), (300, np.uint16)):
+        weights = rng.normal(size=k).astype(np.float32)
+
+        def model(batch, weights=weights):  # k channels, the argmax varying with the voxel
+            return np.sin(batch * 7.0 * weights)
+
+        out = predict_nifti(model, tmp_path / "scan.nii.gz", tmp_path / f"labels{k}.nii.gz")
+        labels = nib.load(out)
+        assert labels.get_data_dtype() == dtype
+        expected = np.sin(scan[..., None] * 7.0 * weights).argmax(-1)
+        np.testing.assert_array_equal(np.asarray(labels.dataobj), expected)
+        if k == 300:
+            assert expected.max() >= 256  # labels that a uint8 could not hold, written exactly

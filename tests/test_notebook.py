@@ -39,7 +39,12 @@ def test_quickstart_notebook_executes(tmp_path):
     assert nb.cells[-1].outputs[0]["text"].strip() == sys.executable
 
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
-    assert "prediction (24, 24, 24) LPS | same affine: True" in text
+    # the prediction lies on the held-out scan's own grid
+    scan = re.search(r"^scan +(\(\d+, \d+, \d+\)) (\w{3})$", text, re.M)
+    assert scan, text
+    assert f"prediction {scan[1]} {scan[2]} | same affine: True | uint8" in text
+    # class-balanced patches: the first batch of 2 holds background, organ and lesion
+    assert "labels in the batch [0 1 2]" in text
     assert "mask dtype after augmentation: int32" in text
     images = [
         o

@@ -98,6 +98,18 @@ def test_image_mask_and_plan_agree_on_every_window(own_masks, cache, tmp_path) -
         ds.on_epoch_end()
 
 
+def test_patches_at_a_voxel_spacing(own_masks) -> None:
+    # resampled on read to 2 mm along x (label maps per label): windows on the new grid
+    ds = dataset(own_masks, spacing=(2.0, 1.0, 1.0), label_probabilities={1: 1, 2: 1})
+    arrays, mask = ds._sample(0)
+    assert arrays[0].shape[:3] == ((SHAPES[0][0] + 1) // 2, *SHAPES[0][1:])
+    for (x, y), windows in zip(epoch(ds), ds.patches.plan(ds), strict=True):
+        assert x.shape == (2, *PATCH, 1)
+        for i, patch in enumerate(windows):
+            offset = np.subtract(patch.voxel, patch.start)
+            assert y[(i, *offset, 0)] == patch.label
+
+
 def test_a_volume_smaller_than_the_patch_is_centred_and_zero_padded(own_masks) -> None:
     ds = dataset(own_masks, patches_per_volume=4)
     small = SHAPES.index((9, 28, 25))
@@ -263,6 +275,21 @@ def test_stored_class_voxels_are_checked_before_use(own_masks, tmp_path) -> None
         np.testing.assert_array_equal(
             np.sort(voxels[subject][1], axis=0), np.sort(np.argwhere(lab == 1), axis=0)
         )
+
+
+@pytest.mark.parametrize("layout", ["C", "F", "flipped"])
+def test_class_voxels_in_any_memory_layout(layout: str) -> None:
+    mask = label_map((30, 24, 20), 0).astype(np.int32)
+    view = {
+        "C": mask,
+        "F": np.asfortranarray(mask),
+        "flipped": np.asfortranarray(mask)[::-1, :, ::-1],
+    }
+    array = view[layout]
+    for label in (1, 2):
+        found = kpatches.class_voxels(array, label, seed=0).astype(np.int64)
+        found = found[np.lexsort(found.T[::-1])]  # in the order np.argwhere lists them
+        np.testing.assert_array_equal(found, np.argwhere(array == label))
 
 
 def test_class_voxels_subsample_a_large_class_uniformly() -> None:

@@ -62,10 +62,30 @@ def test_filter_drops_fd_level_log_lines_and_keeps_the_rest():
 
 
 def test_filter_without_a_real_stderr(capsys):
-    # under pytest's capture sys.stderr has no file descriptor: the block just runs
+    # a sys.stderr without a descriptor (pytest's capture) still gets Python's writes
     with _filtered_stderr():
         print("kept", file=sys.stderr)
     assert "kept" in capsys.readouterr().err
+
+
+def test_filter_when_sys_stderr_is_replaced():
+    # a Jupyter kernel replaces sys.stderr and forwards fd 2 to the notebook: fd 2 is filtered
+    code = (
+        "import io, os, sys\n"
+        "from keras_nii.quiet import _filtered_stderr\n"
+        "sys.stderr = io.StringIO()\n"
+        "with _filtered_stderr():\n"
+        f"    os.write(2, ({TF_LINES[1]!r} + chr(10) + 'kept' + chr(10)).encode())\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "kept\n"
 
 
 def _predict(tmp_path: Path, *options: str) -> subprocess.CompletedProcess:

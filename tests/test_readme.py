@@ -99,8 +99,8 @@ def readme_folder(tmp_path_factory):
         _write(folder / "labelsTr" / f"case_{i:05d}.nii.gz", label, affine)
     image, _, affine = make_phantom((20, 16, 12), seed=5, orientation="PSR")
     _write(folder / "scan.nii.gz", image, affine)
-    make_dataset(folder, 4, shape=(16, 16, 16), seed=0)  # images/, labels/
-    make_dataset(folder / "val", 2, shape=(16, 16, 16), seed=1)
+    make_dataset(folder, 2, shape=(16, 16, 16), seed=0)  # images/, labels/
+    make_dataset(folder / "val", 1, shape=(16, 16, 16), seed=1)
     return folder
 
 

@@ -51,9 +51,23 @@ from keras_nii.layers import (  # noqa: E402
 from keras_nii.models import unet3d  # noqa: E402
 from keras_nii.phantoms import make_phantom  # noqa: E402
 from keras_nii.serving import LiteRTModel, OnnxModel  # noqa: E402
-from tests.layers.test_contract import EXAMPLES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _layer_examples() -> list:
+    """The ``EXAMPLES`` of the layer test modules (one factory a layer, as the contract uses)."""
+    import importlib
+
+    factories = []
+    for path in sorted((ROOT / "tests" / "layers").glob("test_*.py")):
+        if path.stem != "test_contract":
+            module = importlib.import_module(f"tests.layers.{path.stem}")
+            factories.extend(getattr(module, "EXAMPLES", []))
+    return factories
+
+
+EXAMPLES = _layer_examples()
 HEAVY = ("tensorflow", "keras", "jax", "torch")
 RANDOM_OPS_ONNX = {"RandomUniform", "RandomNormal", "RandomUniformLike", "RandomNormalLike"}
 RANDOM_OPS_ONNX |= {"Multinomial", "Bernoulli"}
@@ -133,7 +147,14 @@ def layers_model() -> keras.Model:
         (factory() for factory in EXAMPLES if factory().RANDOM),
         key=lambda layer: type(layer).__name__ == "RandomCrop3D",
     )
-    assert len(random) >= 10  # every random layer of the package
+    import keras_nii.layers as kl
+
+    public = {
+        name
+        for name in kl.__all__
+        if isinstance(getattr(kl, name), type) and getattr(getattr(kl, name), "RANDOM", False)
+    }
+    assert public <= {type(layer).__name__ for layer in random}  # every random layer
     x = inputs
     for layer in random:
         x = layer(x)
@@ -331,11 +352,35 @@ def test_predict_nifti_with_onnx_equals_keras(shipped, tmp_path, orientation):
     labels = np.asarray(written["onnx", "labels"].dataobj)
     np.testing.assert_array_equal(labels, np.asarray(written["keras", "labels"].dataobj))
     assert len(np.unique(labels)) > 1  # not a constant prediction
+    # and so does the LiteRT file
+    tflite = tmp_path / "tflite_probabilities.nii.gz"
+    predict_nifti(
+        str(shipped["folder"] / "unet.tflite"), scan, tflite, output="probabilities", **options
+    )
+    assert_close(nib.load(tflite).get_fdata(), probabilities)
     # the command line takes the .onnx file too
     out = tmp_path / "cli_labels.nii.gz"
     printed = run_cli(["predict", onnx_path, scan, str(out), "--patch-size", "16", "16", "8"])
     assert printed.startswith(f"wrote {out}")
     np.testing.assert_array_equal(np.asarray(nib.load(out).dataobj), labels)
+
+
+def test_predict_nifti_with_onnx_pads_to_the_divisor_and_resamples(shipped, tmp_path):
+    # 21 x 26 x 15 voxels: not multiples of the U-Net's 4, in one window; and at 1.5 mm
+    image, _, affine = make_phantom(
+        (21, 26, 15), seed=5, orientation="LPS", spacing=(1.2, 1.0, 1.3)
+    )
+    img = nib.Nifti1Image(image.astype("float32"), affine)
+    nib.save(img, tmp_path / "odd.nii.gz")
+    scan = str(tmp_path / "odd.nii.gz")
+    onnx = OnnxModel(shipped["folder"] / "unet.onnx")
+    assert onnx.size_divisor == (4, 4, 4)  # from the file's metadata
+    for options in [{}, {"spacing": (1.5, 1.5, 1.5)}]:
+        got, want = tmp_path / "onnx.nii.gz", tmp_path / "keras.nii.gz"
+        predict_nifti(onnx, scan, got, output="probabilities", **options)
+        predict_nifti(shipped["model"], scan, want, output="probabilities", **options)
+        assert nib.load(got).shape[:3] == (21, 26, 15)
+        assert_close(nib.load(got).get_fdata(), nib.load(want).get_fdata(), str(options))
 
 
 _SERVE = """
@@ -378,6 +423,70 @@ def test_predict_nifti_with_onnx_imports_no_framework(shipped, tmp_path):
     assert_close(nib.load(out).get_fdata(), nib.load(reference).get_fdata())
 
 
+# --------------------------------------------------------------------------- other backends
+
+# Under PyTorch (and JAX, with jax2onnx), Keras's own ONNX exporter: run in a
+# process of that backend; it prints the relative errors of each output.
+_BACKEND_EXPORT = """
+import json, sys
+import numpy as np, keras
+from keras_nii.export import export_model
+from keras_nii.layers import IntensityWindow, MinMaxNormalization, Resize3D, ZScoreNormalization
+from keras_nii.layers import RandomAffine3D, RandomFlip3D, RandomGaussianNoise
+from keras_nii.serving import OnnxModel
+inputs = keras.Input((None, None, None, 1), name="scan")
+layers = [
+    ZScoreNormalization(), ZScoreNormalization(nonzero=True), ZScoreNormalization(mean=40.0, std=300.0),
+    MinMaxNormalization(), MinMaxNormalization(percentiles=(0.5, 99.5)), IntensityWindow(-1000.0, 400.0),
+    Resize3D((10, 14, 12)),
+]
+outputs = [layer(inputs) for layer in layers]
+x = inputs
+for layer in (RandomFlip3D(seed=0), RandomAffine3D(degrees=10, seed=1), RandomGaussianNoise(std=0.5, seed=2)):
+    x = layer(x)
+outputs.append(keras.layers.Identity(name="random_chain")(x))
+model = keras.Model(inputs, outputs)
+export_model(model, sys.argv[1])
+onnx = OnnxModel(sys.argv[1])
+rng = np.random.default_rng(0)
+errors = []
+for shape in [(1, 12, 11, 10, 1), (2, 9, 14, 13, 1)]:
+    scan = rng.normal(40, 300, size=shape).astype("float32")
+    scan[..., :2, :] = 0
+    want = [keras.ops.convert_to_numpy(v) for v in model(scan)]
+    got = onnx.session.run(None, {onnx.inputs[0].name: scan})
+    errors.append([float(np.abs(a - b).max() / max(1.0, np.abs(b).max())) for a, b in zip(got, want)])
+    errors[-1].append(bool(np.array_equal(got[-1], scan)))
+print("RESULT " + json.dumps({"errors": errors, "symbolic": onnx.input_shape}))
+"""
+
+
+@pytest.mark.parametrize("backend, needs", [("torch", "torch"), ("jax", "jax2onnx")])
+def test_onnx_export_from_another_backend(tmp_path, backend, needs):
+    import importlib.util
+
+    if importlib.util.find_spec(needs) is None:
+        pytest.skip(f"{needs} is not installed")
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    proc = subprocess.run(
+        [sys.executable, "-c", _BACKEND_EXPORT, str(tmp_path / "layers.onnx")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
+    result = json.loads(line[len("RESULT ") :])
+    assert result["symbolic"] == [None, None, None, None, 1]
+    for errors in result["errors"]:
+        *relative, identity = errors
+        assert max(relative) < 1e-5, relative
+        assert identity  # the random layers are the identity
+
+
 # --------------------------------------------------------------------------- arguments
 
 
@@ -385,7 +494,7 @@ def test_export_arguments_are_checked(tmp_path):
     model = keras.Sequential([keras.Input((None, None, None, 1)), IntensityWindow(0.0, 1.0)])
     with pytest.raises(ValueError, match="format must be one of"):
         export_model(model, tmp_path / "m.onnx", "torchscript")
-    with pytest.raises(ValueError, match="a .onnx file"):
+    with pytest.raises(ValueError, match="writes a .onnx file"):
         export_model(model, tmp_path / "m.tflite", "onnx")
     with pytest.raises(ValueError, match="SavedModel is a folder"):
         export_model(model, tmp_path / "m.keras", "savedmodel")
@@ -393,6 +502,15 @@ def test_export_arguments_are_checked(tmp_path):
         export_model(model, tmp_path / "no" / "m.onnx")
     with pytest.raises(ValueError, match="expected a .keras file"):
         export_model(str(tmp_path / "m.h5"), tmp_path / "m.onnx")
+    # never deletes what is not its own kind of artifact, nor the model's own folder
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("keep")
+    with pytest.raises(ValueError, match="not a SavedModel folder"):
+        export_model(model, tmp_path / "notes", overwrite=True)
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "keep"
+    model.save(tmp_path / "notes" / "model.keras")
+    with pytest.raises(ValueError, match="holds the model being exported"):
+        export_model(str(tmp_path / "notes" / "model.keras"), tmp_path / "notes", overwrite=True)
     (tmp_path / "bad.onnx").write_bytes(b"not an onnx file")
     with pytest.raises(ValueError, match="bad.onnx: ONNX Runtime cannot load it"):
         OnnxModel(tmp_path / "bad.onnx")

@@ -416,3 +416,18 @@ def test_label_ties_go_to_the_smaller_label(row, halfway, want):
     labels = np.array(row, np.int16).reshape(5, 1, 1)
     out = resample_axes(labels, (1, 1, 1), (1.0, 1.0, 1.0), (halfway, 0.0, 0.0))
     assert out.ravel().tolist() == [want]
+
+
+def test_save_like_a_resampled_volume_resamples_before_the_dtype_cast(tmp_path):
+    affine = grid_affine("LPS", (0.8, 0.8, 2.5))
+    shape = (12, 10, 6)
+    field = 100.0 + 10.0 * linear_field(world_of(affine, shape))
+    source = write(tmp_path / "image.nii.gz", field.astype(np.float32), affine)
+    vol = load_nifti(source, spacing=1.0)
+    as_float = save_nifti(vol.array, tmp_path / "float.nii.gz", like=vol)
+    as_int = save_nifti(vol.array, tmp_path / "int.nii.gz", like=vol, dtype="int16")
+    written = nib.load(str(as_int))
+    assert written.get_data_dtype() == np.int16 and written.shape == shape
+    # the image was resampled linearly, then cast (not cast, then resampled as labels)
+    want = np.asarray(nib.load(str(as_float)).dataobj).astype(np.int16)
+    np.testing.assert_array_equal(np.asarray(written.dataobj), want)

@@ -30,9 +30,11 @@ keras-nii.
 Operations (``--only`` picks some): ``zscore``, ``flip``, ``affine``,
 ``elastic``, ``intensity``, ``pipeline``, ``read``, ``feed`` (one epoch through the
 PyDataset's worker processes and through its Grain loader), ``train``; see
-``OPERATIONS``, one module of this package each. ``pipeline`` is the usual chain, flip -> random affine ->
-Gaussian noise on image + mask, as one compiled function (for keras-nii) or
-one ``Compose`` (for the peers).
+``OPERATIONS``, one module of this package each. ``pipeline`` is the usual chain, flip ->
+random affine -> elastic -> Gaussian noise on image + mask: keras-nii's ``Pipeline3D``
+(one resampling) and the same layers one after the other, each as one compiled
+function, against MONAI ``Compose`` (with and without ``lazy=True``) and TorchIO
+``Compose``.
 ``zscore`` and ``flip`` carry a ``copy`` row, ``x + s`` with a run-time
 scalar ``s = 0`` in the same compiled framework (a plain ``x`` or ``x + 0``
 would be folded into a buffer alias by XLA and measure nothing): the cost of

@@ -351,13 +351,13 @@ class Context:
         fn: Callable[[], Callable[[], Any]],
         *,
         runtime_suffix: str = "",
-        note: str = "",
+        **options: Any,
     ) -> Row:
-        """A row for a peer that runs on torch (on the GPU when torch sees one)."""
+        """A row for a peer that runs on torch (on the GPU when torch sees one);
+        ``options`` are :meth:`add`'s."""
         runtime = lazy(lambda: f"{self.torch_runtime()}{runtime_suffix}")
-        return self.add(
-            operation, variant, library, runtime, lazy(self.torch_threads), fn, note=note
-        )
+        threads = lazy(self.torch_threads)
+        return self.add(operation, variant, library, runtime, threads, fn, **options)
 
     def add_torchio(
         self,
@@ -366,15 +366,16 @@ class Context:
         fn: Callable[[], Callable[[], Any]],
         *,
         resamples: bool = False,
-        note: str = "",
+        **options: Any,
     ) -> Row:
-        """A TorchIO row: CPU torch, and SimpleITK's threads too where it ``resamples``."""
+        """A TorchIO row: CPU torch, and SimpleITK's threads too where it ``resamples``;
+        ``options`` are :meth:`add`'s."""
         if resamples:
             runtime = "torch+SimpleITK"
             threads = lazy(lambda: f"{self.torch_threads()}/{self.itk_threads()}")
         else:
             runtime, threads = "torch", lazy(self.torch_threads)
-        return self.add(operation, variant, "TorchIO", runtime, threads, fn, note=note)
+        return self.add(operation, variant, "TorchIO", runtime, threads, fn, **options)
 
     def torchio_subjects(self, tio: Any, masks: bool = True, unit: bool = False) -> list[Any]:
         """The batch as TorchIO subjects (an ``image`` and, with ``masks``, a ``label``)."""

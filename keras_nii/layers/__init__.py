@@ -24,6 +24,7 @@ from keras_nii.layers.normalization import (
     MinMaxNormalization,
     ZScoreNormalization,
 )
+from keras_nii.layers.pipeline import Pipeline3D
 
 __all__ = [
     "VolumeLayer",
@@ -47,4 +48,5 @@ __all__ = [
     "RandomRotation3D",
     "RandomZoom3D",
     "RandomTranslation3D",
+    "Pipeline3D",
 ]

@@ -61,6 +61,7 @@ from keras_nii.layers.base import (
     check_spacing,
     register,
 )
+from keras_nii.ops.compose import CoordinateMap
 from keras_nii.ops.resample import (
     FILL_MODES,
     INTERPOLATIONS,
@@ -344,6 +345,20 @@ class RandomAffine3D(VolumeLayer):
             interpolation="nearest",
             fill_mode=self.fill_mode,
             fill_value=0,
+        )
+
+    def coordinate_map(
+        self, transformation: Any, spatial_shape: Sequence[Any], batch_size: Any
+    ) -> CoordinateMap:
+        """The draw as its ``(batch, 3, 4)`` output -> input matrices (for ``Pipeline3D``)."""
+        shape = tuple(spatial_shape)
+        return CoordinateMap(
+            shape,
+            shape,
+            matrix=transformation["matrices"],
+            fill_mode=self.fill_mode,
+            fill_value=self.fill_value,
+            interpolation=self.interpolation,
         )
 
     def _config_value(self, name: str) -> Any:

@@ -27,6 +27,7 @@ from keras_nii.layers.base import (
     check_shape,
     register,
 )
+from keras_nii.ops.compose import CoordinateMap
 from keras_nii.ops.resample import affine_coordinates, resample, resize_matrix
 
 __all__ = ["CenterCropOrPad3D", "Resize3D", "RandomCrop3D"]
@@ -82,6 +83,28 @@ def _center_crop_or_pad(volumes: Any, shape: Sequence[int], fill: Any) -> Any:
 def _as_vector(values: Sequence[Any], dtype: str) -> Any:
     """A 1D tensor from ints and/or scalar tensors."""
     return ops.stack([ops.cast(v, dtype) for v in values])
+
+
+def _window_map(
+    starts: Any, spatial_shape: Sequence[Any], shape: Sequence[int], fill_value: float
+) -> CoordinateMap:
+    """A crop (and pad) as an exact map: output ``o`` reads input ``o + starts``.
+
+    ``starts`` is ``(batch, 3)``, in input indices (negative where padding
+    comes first); the map is inside the input when nothing is padded.
+    """
+    batch = ops.shape(starts)[0]
+    eye = ops.broadcast_to(ops.eye(3, dtype="float32")[None], (batch, 3, 3))
+    matrix = ops.concatenate([eye, ops.cast(starts, "float32")[:, :, None]], axis=-1)
+    pads = not all(_is_static(s) and s >= t for s, t in zip(spatial_shape, shape, strict=True))
+    return CoordinateMap(
+        tuple(spatial_shape),
+        tuple(shape),
+        matrix=matrix,
+        exact=True,
+        inside=not pads,
+        fill_value=fill_value,
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -141,6 +164,15 @@ class CenterCropOrPad3D(VolumeLayer):
 
     def compute_spatial_output_shape(self, spatial_shape: tuple) -> tuple:
         return tuple(self.shape)
+
+    def coordinate_map(
+        self, transformation: Any, spatial_shape: Sequence[Any], batch_size: Any
+    ) -> CoordinateMap:
+        """The window as an exact map (for ``Pipeline3D``); pads take ``fill_value``."""
+        windows = [_center_window(s, t) for s, t in zip(spatial_shape, self.shape, strict=True)]
+        offsets = _as_vector([start - before for before, _, start in windows], "int32")
+        starts = ops.broadcast_to(offsets[None, :], (batch_size, 3))
+        return _window_map(starts, spatial_shape, self.shape, self.fill_value)
 
     def get_config(self) -> dict:
         config = super().get_config()
@@ -204,6 +236,19 @@ class Resize3D(VolumeLayer):
 
     def transform_images(self, images: Any, transformation: Any) -> Any:
         return self._resize(images, self.interpolation)
+
+    def coordinate_map(
+        self, transformation: Any, spatial_shape: Sequence[Any], batch_size: Any
+    ) -> CoordinateMap:
+        """The resize as its matrices (for ``Pipeline3D``); edges repeat, as the layer's."""
+        matrix = resize_matrix(spatial_shape, self.shape, batch_size)
+        return CoordinateMap(
+            tuple(spatial_shape),
+            tuple(self.shape),
+            matrix=matrix,
+            fill_mode="nearest",
+            interpolation=self.interpolation,
+        )
 
     def transform_segmentation_masks(self, masks: Any, transformation: Any) -> Any:
         return self._resize(masks, "nearest")
@@ -366,6 +411,21 @@ class RandomCrop3D(VolumeLayer):
     def transform_for_inference(self, data: dict) -> dict:
         """The central window of every sample (padded with 0 where the volume is smaller)."""
         return {key: _center_crop_or_pad(value, self.shape, 0) for key, value in data.items()}
+
+    def coordinate_map(
+        self, transformation: Any, spatial_shape: Sequence[Any], batch_size: Any
+    ) -> CoordinateMap:
+        """The windows as exact maps (for ``Pipeline3D``); what is padded reads 0."""
+        before = _as_vector(
+            [_center_window(s, t)[0] for s, t in zip(spatial_shape, self.shape, strict=True)],
+            "int32",
+        )
+        starts = ops.cast(transformation["starts"], "int32") - before[None, :]
+        return _window_map(starts, spatial_shape, self.shape, 0.0)
+
+    def draws_from_data(self, keys: Sequence[str]) -> bool:
+        """Whether a draw reads the data itself (the mask's foreground), not only its shape."""
+        return self.foreground_probability > 0 and MASKS in keys
 
     def draw_transformation(self, data: dict) -> Any:
         """Foreground-centred windows when a mask is given, else uniform ones."""

@@ -23,6 +23,7 @@ from keras_nii.layers.base import (
     check_spacing,
     register,
 )
+from keras_nii.ops.compose import CoordinateMap
 from keras_nii.ops.resample import FILL_MODES, INTERPOLATIONS, resample
 
 __all__ = ["RandomElasticDeformation3D", "dense_displacement"]
@@ -275,9 +276,27 @@ class RandomElasticDeformation3D(VolumeLayer):
         grid = ops.where(ops.reshape(apply, (-1, 1, 1, 1, 1)), grid, ops.zeros_like(grid))
         return {"control_points": grid}
 
+    def _field(self, spatial: Sequence[Any], transformation: Any) -> Any:
+        """The dense displacements ``(batch, 3, x, y, z)``, in voxels."""
+        return _displacement_components(transformation["control_points"], spatial, self._bound)
+
+    def coordinate_map(
+        self, transformation: Any, spatial_shape: Sequence[Any], batch_size: Any
+    ) -> CoordinateMap:
+        """The draw as its dense displacement field (for ``Pipeline3D``)."""
+        shape = tuple(spatial_shape)
+        return CoordinateMap(
+            shape,
+            shape,
+            displacement=self._field(shape, transformation),
+            fill_mode=self.fill_mode,
+            fill_value=self.fill_value,
+            interpolation=self.interpolation,
+        )
+
     def _coordinates(self, shape: Any, transformation: Any) -> tuple[Any, Any, Any]:
         spatial = shape[1:4]
-        field = _displacement_components(transformation["control_points"], spatial, self._bound)
+        field = self._field(spatial, transformation)
         grids = (
             ops.reshape(ops.arange(spatial[0], dtype="float32"), (1, -1, 1, 1)),
             ops.reshape(ops.arange(spatial[1], dtype="float32"), (1, 1, -1, 1)),

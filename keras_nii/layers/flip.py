@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 from keras import ops
 
 from keras_nii.layers.base import (
@@ -18,6 +19,7 @@ from keras_nii.layers.base import (
     check_probability,
     register,
 )
+from keras_nii.ops.compose import CoordinateMap, compose_matrices
 
 __all__ = ["RandomFlip3D", "RandomRotation90_3D"]
 
@@ -102,6 +104,17 @@ class RandomFlip3D(VolumeLayer):
 
     def transform_images(self, images: Any, transformation: Any) -> Any:
         return self._flip(images, transformation)
+
+    def coordinate_map(
+        self, transformation: Any, spatial_shape: Sequence[Any], batch_size: Any
+    ) -> CoordinateMap:
+        """The draw as an exact index map: ``i_a = n_a - 1 - o_a`` on flipped axes."""
+        flips = ops.cast(transformation["flips"], "float32")
+        last = ops.stack([ops.cast(n, "float32") - 1.0 for n in spatial_shape])
+        linear = (1.0 - 2.0 * flips)[:, :, None] * ops.eye(3, dtype="float32")[None]
+        matrix = ops.concatenate([linear, (flips * last[None, :])[:, :, None]], axis=-1)
+        shape = tuple(spatial_shape)
+        return CoordinateMap(shape, shape, matrix=matrix, exact=True, onto=True, inside=True)
 
     def transform_segmentation_masks(self, masks: Any, transformation: Any) -> Any:
         return self._flip(masks, transformation)
@@ -240,6 +253,40 @@ class RandomRotation90_3D(VolumeLayer):
 
     def transform_images(self, images: Any, transformation: Any) -> Any:
         return self._rotate(images, transformation)
+
+    def coordinate_map(
+        self, transformation: Any, spatial_shape: Sequence[Any], batch_size: Any
+    ) -> CoordinateMap:
+        """The draw as an exact index map, one integer matrix per sample.
+
+        A quarter turn ``k`` in the plane ``(a, b)`` reads ``(i_a, i_b) =
+        (c o_a + s o_b, -s o_a + c o_b)`` plus ``n - 1`` on the axes it
+        reverses, with ``(c, s)`` = (1, 0), (0, 1), (-1, 0), (0, -1) for ``k``
+        = 0..3; the planes turn one after the other, so the first plane's map
+        is applied last.
+        """
+        self._check_square(tuple(spatial_shape))
+        ks = transformation["k"]
+        matrix = None
+        for index, (a, b) in enumerate(self.planes):
+            k = ks[:, index]
+            cos = ops.cast(k == 0, "float32") - ops.cast(k == 2, "float32")
+            sin = ops.cast(k == 1, "float32") - ops.cast(k == 3, "float32")
+            last = ops.cast(spatial_shape[a], "float32") - 1.0
+            e = np.eye(3, dtype="float32")
+            keep = ops.convert_to_tensor(e - np.outer(e[a], e[a]) - np.outer(e[b], e[b]))
+            same = ops.convert_to_tensor(np.outer(e[a], e[a]) + np.outer(e[b], e[b]))
+            cross = ops.convert_to_tensor(np.outer(e[a], e[b]) - np.outer(e[b], e[a]))
+            turn = cos[:, None, None] * same[None] + sin[:, None, None] * cross[None]
+            offset = (
+                ops.cast(k >= 2, "float32")[:, None] * ops.convert_to_tensor(e[a])[None]
+                + ops.cast(ops.logical_or(k == 1, k == 2), "float32")[:, None]
+                * ops.convert_to_tensor(e[b])[None]
+            ) * last
+            plane = ops.concatenate([keep[None] + turn, offset[:, :, None]], axis=-1)
+            matrix = plane if matrix is None else compose_matrices(matrix, plane)
+        shape = tuple(spatial_shape)
+        return CoordinateMap(shape, shape, matrix=matrix, exact=True, onto=True, inside=True)
 
     def transform_segmentation_masks(self, masks: Any, transformation: Any) -> Any:
         return self._rotate(masks, transformation)

@@ -148,6 +148,8 @@ class RandomIntensityShift(_PerChannelLayer):
     """
 
     KEY = "offset"
+    #: voxel-wise: commutes with spatial layers in a ``Pipeline3D``
+    VOXELWISE = True
 
     def __init__(
         self,
@@ -211,6 +213,8 @@ class RandomIntensityScale(_PerChannelLayer):
     """
 
     KEY = "factor"
+    #: voxel-wise: commutes with spatial layers in a ``Pipeline3D``
+    VOXELWISE = True
 
     def __init__(
         self,
@@ -369,6 +373,9 @@ class RandomGaussianNoise(_IntensityLayer):
     out = layer(np.random.randn(2, 16, 16, 16, 1).astype("float32"))
     ```
     """
+
+    #: voxel-wise: commutes with spatial layers in a ``Pipeline3D``
+    VOXELWISE = True
 
     def __init__(
         self,

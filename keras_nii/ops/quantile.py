@@ -36,6 +36,18 @@ def _position(count: Any, q: float) -> tuple[Any, Any]:
     return lower, rest - carry
 
 
+def _at(values: Any, index: Any, axis: int) -> Any:
+    """``values`` at one (tensor) ``index`` along ``axis``, the axis removed.
+
+    A slice, not ``ops.take``: under PyTorch that ravels its index, which the
+    ONNX exporter does not know.
+    """
+    shape = list(ops.shape(values))
+    start = [0] * len(shape)
+    start[axis], shape[axis] = index, 1
+    return ops.squeeze(ops.slice(values, start, shape), axis)
+
+
 def quantiles(rows: Any, qs: Sequence[float], axis: int = 1) -> list[Any]:
     """The ``qs`` quantiles (each in [0, 1]) of ``rows`` along ``axis``.
 
@@ -58,8 +70,7 @@ def quantiles(rows: Any, qs: Sequence[float], axis: int = 1) -> list[Any]:
         lower, fraction = _position(count, float(q))
         lower = ops.minimum(lower, last)
         upper = ops.minimum(lower + 1, last)
-        low = ops.take(ordered, lower, axis=axis)
-        high = ops.take(ordered, upper, axis=axis)
+        low, high = _at(ordered, lower, axis), _at(ordered, upper, axis)
         fraction = ops.cast(fraction, rows.dtype)
         out.append(low + (high - low) * fraction)
     return out

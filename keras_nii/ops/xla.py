@@ -224,8 +224,8 @@ def _signature(args: Any) -> str | None:
 
     def describe(leaf: Any) -> Any:
         nonlocal dynamic
-        if leaf is None:
-            return None
+        if leaf is None or not hasattr(leaf, "shape"):
+            return leaf  # a Python value: part of the trace, as tf.function keys it
         shape = tf.TensorShape(leaf.shape)
         if shape.rank is None or None in shape.as_list()[1:]:
             dynamic = True
