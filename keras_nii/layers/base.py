@@ -328,6 +328,40 @@ class VolumeLayer(keras.layers.Layer):
                 )
         return ranks
 
+    def _check_sizes_at_run_time(self, data: dict) -> dict:
+        """In a TensorFlow graph where sizes are unknown (a ``tf.data`` map over
+        scans of many sizes), the check of :meth:`_check_inputs` as a graph op:
+        an ``InvalidArgumentError`` naming both shapes when the batch runs."""
+        if len(data) != 2 or keras.backend.backend() != "tensorflow":
+            return data
+        pairs = zip(self._sizes(data[IMAGES])[:4], self._sizes(data[MASKS])[:4], strict=True)
+        if all(a is not None and b is not None for a, b in pairs):
+            return data  # known: checked already
+        import tensorflow as tf
+
+        if tf.executing_eagerly():  # pragma: no cover - eager sizes are always known
+            return data
+        rank = len(data[IMAGES].shape)
+        if self.data_format == "channels_first":
+            spatial = [0, 2, 3, 4] if rank == 5 else [1, 2, 3]
+        else:
+            spatial = [0, 1, 2, 3] if rank == 5 else [0, 1, 2]
+        images, masks = tf.shape(data[IMAGES]), tf.shape(data[MASKS])
+        name = type(self).__name__
+        check = tf.debugging.Assert(
+            tf.reduce_all(tf.equal(tf.gather(images, spatial), tf.gather(masks, spatial))),
+            [
+                f"{name}: images and segmentation_masks must have the same batch and spatial "
+                "sizes; got images of shape",
+                images,
+                "and segmentation_masks of shape",
+                masks,
+            ],
+            summarize=10,
+        )
+        with tf.control_dependencies([check]):
+            return {key: tf.identity(value) for key, value in data.items()}
+
     def _to_canonical(self, tensor: Any, rank: int) -> Any:
         if rank == 4:
             tensor = ops.expand_dims(tensor, 0)
@@ -369,6 +403,7 @@ class VolumeLayer(keras.layers.Layer):
             for key, value in data.items()
         }
         ranks = self._check_inputs(data)
+        data = self._check_sizes_at_run_time(data)
         inference = self.RANDOM and not training
         if inference and not self.CHANGES_SHAPE:
             return inputs

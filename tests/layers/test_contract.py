@@ -163,6 +163,28 @@ def test_images_and_masks_of_other_sizes_name_both_shapes(factory, training):
     assert out["segmentation_masks"].shape[-1] == 1
 
 
+@tensorflow_only
+def test_images_and_masks_of_other_sizes_in_a_tf_data_map_stop_it(factory):
+    # sizes unknown as the map is traced: the check runs with the batch
+    import tensorflow as tf
+
+    layer = factory()
+    images, masks = make_batch(batch=1)
+    pairs = [
+        {"images": images[0], "segmentation_masks": masks[0]},
+        {"images": images[0], "segmentation_masks": masks[0, :, :-2]},
+    ]
+    spec = {
+        "images": tf.TensorSpec((None, None, None, 1), tf.float32),
+        "segmentation_masks": tf.TensorSpec((None, None, None, 1), tf.int32),
+    }
+    dataset = tf.data.Dataset.from_generator(lambda: iter(pairs), output_signature=spec)
+    batches = iter(dataset.map(lambda d: layer(d, training=True)))
+    next(batches)  # a matching pair passes
+    with pytest.raises(tf.errors.InvalidArgumentError, match="same batch and spatial sizes"):
+        next(batches)
+
+
 def test_rank_3_empty_axes_and_complex_inputs_name_the_argument(factory):
     layer = factory()
     images, masks = make_batch()
