@@ -106,11 +106,12 @@ class AugmentedModel(keras.Model):
         except Exception:  # noqa: BLE001 - an augmentation that needs masks builds at first use
             pass
 
-    def _check_pair(self, x: Any, y: Any) -> None:
+    def _check_pair(self, x: Any, y: Any, ignore: bool = False) -> bool:
         """A ValueError naming both shapes when ``y``'s voxels cannot be ``x``'s.
 
         Images and masks must agree in batch and spatial sizes (the channels
         may differ); the channel axis is the augmentation's ``data_format``.
+        With ``ignore``, whether they differ, instead of the error.
         """
         formats = [
             getattr(layer, "data_format", None) for layer in self.augmentation._flatten_layers()
@@ -120,12 +121,31 @@ class AugmentedModel(keras.Model):
         channel = rank - 4 if data_format == "channels_first" else rank - 1
         sizes = zip(tuple(x.shape), tuple(y.shape), strict=True)
         pairs = [(a, b) for axis, (a, b) in enumerate(sizes) if axis != channel]
-        if any(a is not None and b is not None and a != b for a, b in pairs):
+        differ = any(a is not None and b is not None and a != b for a, b in pairs)
+        if differ and not ignore:
             raise ValueError(
                 "AugmentedModel: the images x and the segmentation masks y of a batch must "
                 f"have the same batch and spatial sizes; got x of shape {tuple(x.shape)} and "
                 f"y of shape {tuple(y.shape)}"
             )
+        return differ
+
+    def compute_loss(
+        self,
+        x: Any = None,
+        y: Any = None,
+        y_pred: Any = None,
+        sample_weight: Any = None,
+        training: bool = True,
+    ) -> Any:
+        """Keras's loss, after the pair check of the step for a network whose output has
+        its input's size (under JAX, Keras computes the loss symbolically before the first
+        step, where unaligned masks failed with a broadcasting error)."""
+        shapes = [getattr(t, "shape", None) for t in (x, y, y_pred)]
+        same_rank = all(shape is not None and len(shape) == len(shapes[0]) for shape in shapes)
+        if same_rank and not self._check_pair(x, y_pred, ignore=True):
+            self._check_pair(x, y)
+        return super().compute_loss(x, y, y_pred, sample_weight, training)
 
     def augment(self, x: Any, y: Any = None) -> tuple[Any, Any]:
         """Apply the augmentation to a batch, as the training step does."""

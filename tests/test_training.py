@@ -507,3 +507,10 @@ def test_images_and_masks_of_other_sizes_stop_the_step(other):
     two = np.concatenate([x, x], axis=-1)
     xa, ya = AugmentedModel(identity_net(), spatial_pipeline()).augment(two, masks(n=2))
     assert tuple(ya.shape) == (2, 8, 8, 8, 1) and tuple(xa.shape) == (2, 8, 8, 8, 2)
+    # a network whose output is smaller than its input (valid convolutions)
+    # evaluates on targets of the output's size, as before
+    inputs = keras.Input((None, None, None, 1))
+    valid = keras.Model(inputs, keras.layers.Conv3D(1, 3, padding="valid")(inputs))
+    shrinking = AugmentedModel(valid, spatial_pipeline())
+    shrinking.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    assert np.isfinite(shrinking.evaluate(x, np.zeros((2, 6, 6, 6, 1), "float32"), verbose=0))
