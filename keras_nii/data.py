@@ -17,7 +17,6 @@ import math
 import numbers
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import keras
@@ -808,35 +807,6 @@ def _check_same_grid(subject, path_a, array_a, affine_a, path_b, array_b, affine
         )
 
 
-def _folder_entries(folder: PathLike, argument: str) -> list[tuple[str, Any]]:
-    """(file name, path) of the regular, not hidden files in a folder or, for a
-    URL, of the NIfTI objects directly under it (``path`` is then the URL)."""
-    if remote.is_url(os.fspath(folder)):
-        urls = remote.list_folder(os.fspath(folder), NIFTI_FILE_SUFFIXES)
-        return [(remote.basename(url), url) for url in urls]
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"{argument}: {folder} is not a directory")
-    return [
-        (path.name, path)
-        for path in folder.iterdir()
-        if not path.name.startswith(".") and path.is_file()
-    ]
-
-
 def _list_nifti(folder: PathLike, argument: str) -> dict[str, Any]:
     """{stem: path} of the NIfTI files in a folder (or under a URL), sorted by file name."""
-    found: dict[str, Any] = {}
-    for name, path in sorted(_folder_entries(folder, argument), key=lambda entry: entry[0]):
-        suffix = next((s for s in NIFTI_FILE_SUFFIXES if name.lower().endswith(s)), None)
-        if suffix is None:
-            continue
-        stem = name[: -len(suffix)]
-        if stem in found:
-            raise ValueError(
-                f"{argument}: two files with the name stem {stem!r}: {found[stem]} and {path}"
-            )
-        found[stem] = path
-    if not found:
-        raise ValueError(f"{argument}: no .nii or .nii.gz files in {folder}")
-    return found
+    return storage.list_nifti(folder, argument, NIFTI_FILE_SUFFIXES)

@@ -53,6 +53,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from keras_nii import storage
 from keras_nii.io import NiftiError, load_nifti
 
 __all__ = ["Plan", "fingerprint", "PERCENTILES", "ANISOTROPY"]
@@ -82,23 +83,7 @@ Progress = Callable[[int, int, str], None]
 
 def _list_folder(folder: Path, argument: str) -> dict[str, Path]:
     """``{name stem: path}`` of the ``.nii`` / ``.nii.gz`` files of a folder, by name."""
-    if not folder.is_dir():
-        raise ValueError(f"{argument}: {folder} is not a directory")
-    found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir(), key=lambda p: p.name):
-        name = path.name
-        suffix = next((s for s in _SUFFIXES if name.lower().endswith(s)), None)
-        if suffix is None or name.startswith(".") or not path.is_file():
-            continue
-        stem = name[: -len(suffix)]
-        if stem in found:
-            raise ValueError(
-                f"{argument}: two files with the name stem {stem!r}: {found[stem]} and {path}"
-            )
-        found[stem] = path
-    if not found:
-        raise ValueError(f"{argument}: no .nii or .nii.gz files in {folder}")
-    return found
+    return storage.list_nifti(folder, argument, _SUFFIXES)
 
 
 def _is_path(value: Any) -> bool:

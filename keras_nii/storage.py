@@ -455,3 +455,45 @@ class MemoryFile(io.RawIOBase):
         target[: len(chunk)] = chunk
         self._position += len(chunk)
         return len(chunk)
+
+
+def _folder_entries(folder: Any, argument: str, suffixes: Sequence[str]) -> list[tuple[str, Any]]:
+    """(file name, path) of the regular, not hidden files in a folder or, for a
+    URL, of the NIfTI objects directly under it (``path`` is then the URL)."""
+    from pathlib import Path
+
+    from keras_nii import remote
+
+    if remote.is_url(os.fspath(folder)):
+        urls = remote.list_folder(os.fspath(folder), suffixes)
+        return [(remote.basename(url), url) for url in urls]
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{argument}: {folder} is not a directory")
+    return [
+        (path.name, path)
+        for path in folder.iterdir()
+        if not path.name.startswith(".") and path.is_file()
+    ]
+
+
+def list_nifti(
+    folder: Any, argument: str, suffixes: Sequence[str] = (".nii.gz", ".nii")
+) -> dict[str, Any]:
+    """``{name stem: path}`` of the NIfTI files in a folder (a local ``Path``) or
+    under a URL (the URL), sorted by file name; two files of one stem, or none,
+    are a ``ValueError`` naming ``argument``."""
+    found: dict[str, Any] = {}
+    for name, path in sorted(_folder_entries(folder, argument, suffixes), key=lambda e: e[0]):
+        suffix = next((s for s in suffixes if name.lower().endswith(s)), None)
+        if suffix is None:
+            continue
+        stem = name[: -len(suffix)]
+        if stem in found:
+            raise ValueError(
+                f"{argument}: two files with the name stem {stem!r}: {found[stem]} and {path}"
+            )
+        found[stem] = path
+    if not found:
+        raise ValueError(f"{argument}: no .nii or .nii.gz files in {folder}")
+    return found
