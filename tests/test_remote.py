@@ -258,30 +258,29 @@ def test_predict_nifti_from_s3_to_s3_lands_on_the_scan(s3, tmp_path):
     np.testing.assert_array_equal(np.asarray(written.dataobj), expected)
 
 
+def _cli(env: dict, *args: str) -> subprocess.CompletedProcess:
+    """``python -m keras_nii ARGS`` with the S3 endpoint's environment."""
+    run_env = {**os.environ, **env}
+    run_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), run_env.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, "-m", "keras_nii", *args],
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
 def test_cli_info_reads_an_s3_url(s3, tmp_path):
     _, env = s3
     source = load_nifti(ANATOMICAL)
     save_nifti(source.array, "s3://scans/cli/anat.nii.gz", like=source)
-    run_env = {**os.environ, **env}
-    run_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), run_env.get("PYTHONPATH")]))
-    done = subprocess.run(
-        [sys.executable, "-m", "keras_nii", "info", "s3://scans/cli/anat.nii.gz"],
-        env=run_env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = _cli(env, "info", "s3://scans/cli/anat.nii.gz")
     assert done.returncode == 0, done.stderr
     assert "s3://scans/cli/anat.nii.gz" in done.stdout
     assert "33" in done.stdout and "41" in done.stdout
     assert "testing-secret" not in done.stdout + done.stderr
-    missing = subprocess.run(
-        [sys.executable, "-m", "keras_nii", "info", "s3://scans/cli/none.nii.gz"],
-        env=run_env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    missing = _cli(env, "info", "s3://scans/cli/none.nii.gz")
     assert missing.returncode != 0
     assert "s3://scans/cli/none.nii.gz" in missing.stderr
     assert "Traceback" not in missing.stderr
@@ -296,23 +295,13 @@ def test_cli_predict_reads_and_writes_s3(s3, tmp_path):
     inputs = keras.Input((None, None, None, 1))
     model = keras.Model(inputs, keras.layers.Activation("sigmoid")(inputs - 50.0))
     model.save(tmp_path / "model.keras")
-    run_env = {**os.environ, **env}
-    run_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), run_env.get("PYTHONPATH")]))
-    command = [sys.executable, "-m", "keras_nii", "predict", str(tmp_path / "model.keras")]
-    refused = subprocess.run(
-        [*command, "s3://scans/cli2/anat.nii.gz", "s3://scans/cli2/./anat.nii.gz"],
-        env=run_env,
-        capture_output=True,
-        text=True,
-        timeout=180,
+    model_file = str(tmp_path / "model.keras")
+    refused = _cli(
+        env, "predict", model_file, "s3://scans/cli2/anat.nii.gz", "s3://scans/cli2/./anat.nii.gz"
     )
     assert refused.returncode != 0 and "input scan" in refused.stderr
-    done = subprocess.run(
-        [*command, "s3://scans/cli2/anat.nii.gz", "s3://scans/cli2/pred.nii.gz"],
-        env=run_env,
-        capture_output=True,
-        text=True,
-        timeout=180,
+    done = _cli(
+        env, "predict", model_file, "s3://scans/cli2/anat.nii.gz", "s3://scans/cli2/pred.nii.gz"
     )
     assert done.returncode == 0, done.stderr[-3000:]
     fs.invalidate_cache()
