@@ -42,7 +42,13 @@ from typing import Any
 
 from keras import ops
 
-from keras_nii.ops.resample import FILL_MODES, INTERPOLATIONS, affine_coordinates, resample
+from keras_nii.ops.resample import (
+    FILL_MODES,
+    INTERPOLATIONS,
+    _reflect,
+    affine_coordinates,
+    resample,
+)
 from keras_nii.ops.xla import materialize
 
 __all__ = ["CoordinateMap", "ComposedMap", "compose", "compose_matrices", "sample"]
@@ -145,15 +151,6 @@ def _inside(coordinates: Sequence[Any], shape: Sequence[Any]) -> Any:
         ok = ops.logical_and(t >= -_EDGE, t <= high + _EDGE)
         inside = ok if inside is None else ops.logical_and(inside, ok)
     return inside
-
-
-def _reflect(t: Any, size: Any) -> Any:
-    size = ops.cast(size, "float32")
-    period = 2.0 * size
-    u = t + 0.5
-    u = u - period * ops.floor(u / period)
-    u = ops.where(u >= size, period - u, u)
-    return u - 0.5
 
 
 def _clamp(coordinates: Sequence[Any], shape: Sequence[Any], mode: str) -> tuple:
