@@ -413,6 +413,28 @@ def _stored_as_int16(index: int) -> bool:
     return index % 4 == 1
 
 
+def _prepare_case_folder(folder: str | os.PathLike, overwrite: bool) -> Path:
+    """``folder`` with empty ``images/`` and ``labels/`` of case files: old case
+    files are removed with ``overwrite``, and are an error without it."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"folder {folder} exists and is not a directory")
+    subfolders = [folder / "images", folder / "labels"]
+    existing = [
+        p for sub in subfolders if sub.is_dir() for p in sub.iterdir() if _CASE_FILE.match(p.name)
+    ]
+    if existing and not overwrite:
+        raise ValueError(
+            f"folder {folder} already holds {len(existing)} case file(s) "
+            f"(e.g. {sorted(existing)[0]}); pass overwrite=True to replace them"
+        )
+    for sub in subfolders:
+        sub.mkdir(parents=True, exist_ok=True)
+    for old in existing:
+        old.unlink()
+    return folder
+
+
 def make_dataset(
     folder: str | os.PathLike,
     n: int,
@@ -481,22 +503,7 @@ def make_dataset(
     if not spacings:
         raise ValueError(f"spacings must be a non-empty sequence of voxel sizes, got {spacings!r}")
 
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"folder {folder} exists and is not a directory")
-    subfolders = [folder / "images", folder / "labels"]
-    existing = [
-        p for sub in subfolders if sub.is_dir() for p in sub.iterdir() if _CASE_FILE.match(p.name)
-    ]
-    if existing and not overwrite:
-        raise ValueError(
-            f"folder {folder} already holds {len(existing)} case file(s) "
-            f"(e.g. {sorted(existing)[0]}); pass overwrite=True to replace them"
-        )
-    for sub in subfolders:
-        sub.mkdir(parents=True, exist_ok=True)
-    for old in existing:
-        old.unlink()
+    folder = _prepare_case_folder(folder, overwrite)
 
     suffix = ".nii.gz" if compress else ".nii"
     pairs = []
@@ -683,19 +690,7 @@ def make_ct_dataset(
     ):
         if not 0 < lo <= hi:
             raise ValueError(f"{name} must be a range (low, high) with 0 < low <= high")
-    folder = Path(folder)
-    subfolders = [folder / "images", folder / "labels"]
-    existing = [
-        p for sub in subfolders if sub.is_dir() for p in sub.iterdir() if _CASE_FILE.match(p.name)
-    ]
-    if existing and not overwrite:
-        raise ValueError(
-            f"folder {folder} already holds {len(existing)} case file(s); pass overwrite=True"
-        )
-    for sub in subfolders:
-        sub.mkdir(parents=True, exist_ok=True)
-    for old in existing:
-        old.unlink()
+    folder = _prepare_case_folder(folder, overwrite)
     pairs = []
     for i in range(int(n)):
         rng = np.random.default_rng([int(seed), 7919, i])
