@@ -110,10 +110,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_processes(mode: str, data: Path, out: Path, timeout: float = 240) -> None:
+def _worker_env() -> dict:
     env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.pop("XLA_FLAGS", None)  # one CPU device per process
+    return env
+
+
+def _run_processes(mode: str, data: Path, out: Path, timeout: float = 240) -> None:
+    env = _worker_env()
     port = str(_free_port())
     procs = [
         subprocess.Popen(
@@ -139,11 +144,9 @@ def _run_processes(mode: str, data: Path, out: Path, timeout: float = 240) -> No
 
 
 def _run_reference(mode: str, data: Path, out: Path) -> None:
-    env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     done = subprocess.run(
         [sys.executable, str(WORKER), mode, "-1", "2", "0", str(data), str(out)],
-        env=env,
+        env=_worker_env(),
         capture_output=True,
         text=True,
         timeout=240,
