@@ -431,14 +431,14 @@ _BACKEND_EXPORT = """
 import json, sys
 import numpy as np, keras
 from keras_nii.export import export_model
-from keras_nii.layers import IntensityWindow, MinMaxNormalization, Resize3D, ZScoreNormalization
-from keras_nii.layers import RandomAffine3D, RandomFlip3D, RandomGaussianNoise
+from keras_nii.layers import CenterCropOrPad3D, IntensityWindow, MinMaxNormalization, Resize3D
+from keras_nii.layers import ZScoreNormalization, RandomAffine3D, RandomFlip3D, RandomGaussianNoise
 from keras_nii.serving import OnnxModel
 inputs = keras.Input((None, None, None, 1), name="scan")
 layers = [
     ZScoreNormalization(), ZScoreNormalization(nonzero=True), ZScoreNormalization(mean=40.0, std=300.0),
     MinMaxNormalization(), MinMaxNormalization(percentiles=(0.5, 99.5)), IntensityWindow(-1000.0, 400.0),
-    Resize3D((10, 14, 12)),
+    Resize3D((10, 14, 12)), CenterCropOrPad3D((10, 12, 12)), CenterCropOrPad3D((7, 16, 8), fill_value=-3.0),
 ]
 outputs = [layer(inputs) for layer in layers]
 x = inputs

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import keras
 from keras import ops
 
 from keras_nii.layers.base import (
@@ -68,11 +69,56 @@ def _pad_to_at_least(volumes: Any, shape: Sequence[int], fill: Any) -> Any:
     return ops.pad(volumes, paddings, mode="constant", constant_values=fill)
 
 
+def _gather_windows(volumes: Any, starts: Any, shape: Sequence[int], fill: Any = None) -> Any:
+    """Each sample's window of spatial ``shape`` from ``(b, x, y, z, c)``, by one gather.
+
+    Output voxel ``o`` of sample ``n`` reads input voxel ``o + starts[n]``
+    (``starts``: ``(b, 3)`` int32). With ``fill=None`` every window must lie
+    inside the volume; otherwise reads outside it are clipped to the border
+    and then replaced by ``fill``, so no pad is needed.
+    """
+    full = ops.shape(volumes)
+    batch, channels = full[0], full[4]
+    sizes = [ops.cast(s, "int32") for s in full[1:4]]
+    starts = ops.cast(starts, "int32")
+    index, inside = [], None
+    for axis, target in enumerate(shape):
+        view = [1, 1, 1]
+        view[axis] = -1
+        at = ops.reshape(starts[:, axis], (-1, 1, 1, 1)) + ops.reshape(
+            ops.arange(target, dtype="int32"), (1, *view)
+        )
+        if fill is not None:
+            valid = ops.logical_and(at >= 0, at < sizes[axis])
+            inside = valid if inside is None else ops.logical_and(inside, valid)
+            at = ops.clip(at, 0, sizes[axis] - 1)
+        index.append(at)
+    base = ops.reshape(ops.arange(batch, dtype="int32"), (-1, 1, 1, 1)) * (
+        sizes[0] * sizes[1] * sizes[2]
+    )
+    flat = base + (index[0] * sizes[1] + index[1]) * sizes[2] + index[2]
+    # a 2D take along axis 0: PyTorch's exporter knows it (an embedding lookup)
+    values = ops.take(ops.reshape(volumes, (-1, channels)), ops.reshape(flat, (-1,)), axis=0)
+    values = ops.reshape(values, (batch, *shape, channels))
+    if fill is None:
+        return values
+    return ops.where(inside[..., None], values, ops.cast(fill, volumes.dtype))
+
+
 def _center_crop_or_pad(volumes: Any, shape: Sequence[int], fill: Any) -> Any:
-    """Center crop or pad ``(b, x, y, z, c)`` to the spatial ``shape``."""
+    """Center crop or pad ``(b, x, y, z, c)`` to the spatial ``shape``.
+
+    Under PyTorch, one gather (:func:`_gather_windows`) instead of a pad and
+    a slice: ``torch.onnx`` exports a pad of dynamic widths as int32 widths
+    concatenated with int64 zeros, a graph ONNX Runtime refuses to load.
+    """
     sizes = ops.shape(volumes)[1:4]
     if all(_is_static(s) and s == t for s, t in zip(sizes, shape, strict=True)):
         return volumes
+    if keras.backend.backend() == "torch":
+        offsets = [start - before for before, _, start in map(_center_window, sizes, shape)]
+        starts = ops.broadcast_to(_as_vector(offsets, "int32")[None, :], (ops.shape(volumes)[0], 3))
+        return _gather_windows(volumes, starts, shape, fill)
     volumes = _pad_to_at_least(volumes, shape, fill)
     starts = [_center_window(s, t)[2] for s, t in zip(sizes, shape, strict=True)]
     full = ops.shape(volumes)
@@ -385,22 +431,7 @@ class RandomCrop3D(VolumeLayer):
     def _crop(self, volumes: Any, transformation: Any) -> Any:
         """Pad to at least ``shape``, then gather each sample's window."""
         volumes = _pad_to_at_least(volumes, self.shape, 0)
-        shape = ops.shape(volumes)
-        batch, sizes, channels = shape[0], shape[1:4], shape[4]
-        starts = ops.cast(transformation["starts"], "int32")
-        size_x, size_y, size_z = (ops.cast(s, "int32") for s in sizes)
-        grids = [ops.arange(t, dtype="int32") for t in self.shape]
-        ix = ops.reshape(starts[:, 0], (-1, 1, 1, 1)) + ops.reshape(grids[0], (1, -1, 1, 1))
-        iy = ops.reshape(starts[:, 1], (-1, 1, 1, 1)) + ops.reshape(grids[1], (1, 1, -1, 1))
-        iz = ops.reshape(starts[:, 2], (-1, 1, 1, 1)) + ops.reshape(grids[2], (1, 1, 1, -1))
-        base = ops.reshape(ops.arange(batch, dtype="int32"), (-1, 1, 1, 1)) * (
-            size_x * size_y * size_z
-        )
-        flat_index = base + (ix * size_y + iy) * size_z + iz
-        values = ops.take(
-            ops.reshape(volumes, (-1, channels)), ops.reshape(flat_index, (-1,)), axis=0
-        )
-        return ops.reshape(values, (batch, *self.shape, channels))
+        return _gather_windows(volumes, transformation["starts"], self.shape)
 
     def transform_images(self, images: Any, transformation: Any) -> Any:
         return self._crop(images, transformation)
