@@ -203,6 +203,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         modality=args.modality,
         max_voxels=args.max_voxels,
         progress=_ProgressBar(sys.stderr) if show else None,
+        pair_by=args.pair_by,
     )
     if args.json == "-":
         sys.stdout.write(plan.to_json())
@@ -616,8 +617,16 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     plan.add_argument("images_dir", metavar="IMAGES_DIR", help="folder of .nii / .nii.gz images")
+    plan.add_argument("labels_dir", nargs="?", metavar="LABELS_DIR", help="folder of label maps")
     plan.add_argument(
-        "labels_dir", nargs="?", metavar="LABELS_DIR", help="folder of label maps (same names)"
+        "--pair-by",
+        default="stem",
+        metavar="RULE",
+        help=(
+            "how images and label maps are paired by subject: stem (identical names), bids "
+            "(sub-01[_ses-1]), nnunet (case_0000_0000 with case_0000) or a regular expression "
+            "with a group 'key' (default: %(default)s)"
+        ),
     )
     plan.add_argument(
         "--json",

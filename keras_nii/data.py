@@ -22,9 +22,9 @@ from typing import Any
 import keras
 import numpy as np
 
-from keras_nii import remote, storage
+from keras_nii import _pydataset_spec, remote, storage
 from keras_nii.cache import DirectoryCache, MemoryCache, source_fingerprint
-from keras_nii.io import NiftiError, load_nifti
+from keras_nii.io import NiftiError, _read_image, load_nifti
 from keras_nii.sharding import Shard, check_shard, detect_shard, share
 from keras_nii.spacing import check_spacing, resample_onto
 
@@ -469,6 +469,33 @@ class NiftiDataset(keras.utils.PyDataset):
             y = self.labels[subjects]
         return x, y
 
+    def _sizes_vary(self) -> bool:
+        """Whether batches of this dataset may differ in spatial size.
+
+        ``False`` only when that is certain from the headers: ``shape=`` or
+        patches fix the size, or every subject's first image has the same
+        grid (shape and affine, so that reorientation and ``spacing=`` give
+        the same size). Remote files and unreadable headers count as varying;
+        the read itself reports a bad file. Keras's ``tf.data`` pipeline asks
+        (see :mod:`keras_nii._pydataset_spec`).
+        """
+        if self.shape is not None or self._patches is not None or len(self) < 2:
+            return False
+        grids = set()
+        for files in self.images:
+            if remote.is_url(files[0]):
+                return True
+            try:  # the header only, through the reader's guards (FIFOs, extension bombs)
+                header = _read_image(files[0]).header
+                grids.add(
+                    (header.get_data_shape()[:3], header.get_best_affine().round(6).tobytes())
+                )
+            except Exception:  # noqa: BLE001 - any unreadable header: not certain
+                return True
+            if len(grids) > 1:
+                return True
+        return False
+
     def on_epoch_end(self) -> None:
         """Draw a new subject order (with ``shuffle=True``); start the next patch stream."""
         if self._patches is not None:
@@ -810,3 +837,8 @@ def _check_same_grid(subject, path_a, array_a, affine_a, path_b, array_b, affine
 def _list_nifti(folder: PathLike, argument: str) -> dict[str, Any]:
     """{stem: path} of the NIfTI files in a folder (or under a URL), sorted by file name."""
     return storage.list_nifti(folder, argument, NIFTI_FILE_SUFFIXES)
+
+
+# Keras's tf.data pipeline of a PyDataset learns from NiftiDataset._sizes_vary
+# which spatial sizes are not fixed (under TensorFlow only)
+_pydataset_spec.install()

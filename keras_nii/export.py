@@ -198,13 +198,22 @@ def _finish_onnx(path: str, names: list[str], keras_model: Any) -> None:
     taken |= {t.name for t in (*graph.input, *graph.initializer)}
     if len(names) == len(graph.output) and len(set(names)) == len(names) and not taken & set(names):
         renamed = {out.name: new for out, new in zip(graph.output, names, strict=True)}
+        # an output that is an input as it is (a model of random layers only, from
+        # jax2onnx) has no node to rename: it gets an Identity under the new name
+        sources = {t.name for t in (*graph.input, *graph.initializer)}
+        for out in graph.output:
+            if out.name in sources:
+                graph.node.append(
+                    onnx.helper.make_node("Identity", [out.name], [renamed[out.name]])
+                )
+                out.name = renamed.pop(out.name)
         for node in graph.node:
             for i, value in enumerate(node.output):
                 node.output[i] = renamed.get(value, value)
             for i, value in enumerate(node.input):
                 node.input[i] = renamed.get(value, value)
         for out in graph.output:
-            out.name = renamed[out.name]
+            out.name = renamed.get(out.name, out.name)
     divisor = size_divisor(keras_model)
     if divisor is not None and divisor != (1, 1, 1):
         onnx.helper.set_model_props(
@@ -254,6 +263,18 @@ def _export_litert(model: Any, path: str) -> None:
         ) from err
 
 
+def _layers_of(model: Any) -> list:
+    """Every layer of a model, those of nested models included."""
+    import keras
+
+    found = []
+    for layer in model.layers:
+        found.append(layer)
+        if isinstance(layer, keras.Model):
+            found.extend(_layers_of(layer))
+    return found
+
+
 def _with_builtin_pooling(model: Any) -> Any:
     """``model``, or a clone sharing its layers with 3D pooling done by strided slices."""
     import keras
@@ -267,15 +288,7 @@ def _with_builtin_pooling(model: Any) -> Any:
             and layer.padding == "valid"
         )
 
-    def layers_of(m: Any) -> list:
-        found = []
-        for layer in m.layers:
-            found.append(layer)
-            if isinstance(layer, keras.Model):
-                found.extend(layers_of(layer))
-        return found
-
-    if not any(replaceable(layer) for layer in layers_of(model)):
+    if not any(replaceable(layer) for layer in _layers_of(model)):
         return model
     if not isinstance(model, (keras.Sequential, keras.Model)) or not hasattr(model, "inputs"):
         return model

@@ -287,9 +287,12 @@ _DOWNSAMPLING = ("MaxPooling3D", "AveragePooling3D", "Conv3D", "DepthwiseConv3D"
 def size_divisor(model: Any) -> tuple[int, int, int] | None:
     """The multiple that the spatial sizes of a model's input must be, if it is known.
 
-    - a model with a :class:`keras_nii.models.SizeDivisor` layer (every
-      :func:`keras_nii.models.unet3d`), also loaded from a ``.keras`` file or
-      an exported SavedModel (:func:`load_model`): its stored divisor;
+    - a model with a :class:`keras_nii.models.SizeDivisor` layer (a
+      :func:`keras_nii.models.unet3d` with ``pad_to_fit=False``), also loaded
+      from a ``.keras`` file or an exported SavedModel (:func:`load_model`):
+      its stored divisor;
+    - a model with a :class:`keras_nii.models.PadToMultiple` layer (a
+      ``unet3d`` by default), which pads its input itself: ``(1, 1, 1)``;
     - an object with a ``size_divisor`` attribute: that;
     - another Keras model: the product, per axis, of the strides of its 3D
       pooling and strided convolution layers (a U-Net with ``n`` poolings by
@@ -310,6 +313,8 @@ def size_divisor(model: Any) -> tuple[int, int, int] | None:
         layer = stack.pop()
         if type(layer).__name__ == "SizeDivisor":
             return tuple(int(v) for v in layer.divisor)
+        if type(layer).__name__ == "PadToMultiple":  # the model pads by itself
+            return (1, 1, 1)
         if hasattr(layer, "layers"):  # a nested model
             stack.extend(layer.layers)
             continue

@@ -18,13 +18,25 @@ import keras
 import numpy as np
 from keras import ops
 
-__all__ = ["unet3d", "dice_score", "DiceLoss", "SizeDivisor"]
+__all__ = ["unet3d", "dice_score", "DiceLoss", "SizeDivisor", "PadToMultiple", "CropToInput"]
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
+
+
+def _spatial_axes(data_format: str) -> tuple[int, int, int]:
+    return (1, 2, 3) if data_format == "channels_last" else (2, 3, 4)
+
+
+def _check_data_format(data_format: str) -> str:
+    if data_format not in ("channels_last", "channels_first"):
+        raise ValueError(
+            f"data_format must be 'channels_last' or 'channels_first', got {data_format!r}"
+        )
+    return data_format
 
 
 @keras.saving.register_keras_serializable(package="keras_nii")
@@ -60,11 +72,7 @@ class SizeDivisor(keras.layers.Layer):
         if len(values) != 3:
             raise ValueError(f"divisor must be an int or 3 ints, got {divisor!r}")
         self.divisor = tuple(_check_int("divisor", v, 1) for v in values)
-        if data_format not in ("channels_last", "channels_first"):
-            raise ValueError(
-                f"data_format must be 'channels_last' or 'channels_first', got {data_format!r}"
-            )
-        self.data_format = data_format
+        self.data_format = _check_data_format(data_format)
         self.size_divisor = self.add_weight(
             name="size_divisor",
             shape=(3,),
@@ -91,8 +99,8 @@ class SizeDivisor(keras.layers.Layer):
                 f"are multiples of {need} (axis "
                 + ", axis ".join(f"{a} has {s}" for a, s, _ in bad)
                 + "); pad the volumes: NiftiDataset(..., pad_to_multiple="
-                f"{max(self.divisor)}) or shape= a multiple, for training and validation; "
-                "predict_nifti pads by itself"
+                f"{max(self.divisor)}) or shape= a multiple, for training and validation, "
+                "or build the unet3d with pad_to_fit=True; predict_nifti pads by itself"
             )
 
     def call(self, inputs: Any) -> Any:
@@ -105,6 +113,94 @@ class SizeDivisor(keras.layers.Layer):
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "divisor": self.divisor, "data_format": self.data_format}
+
+
+@keras.saving.register_keras_serializable(package="keras_nii")
+class PadToMultiple(keras.layers.Layer):
+    """Zero pads the end of each spatial axis up to a multiple of ``divisor``.
+
+    With :class:`CropToInput` at the output, it lets a network that needs
+    sizes divisible by its downsampling (a U-Net) take any size:
+    :func:`unet3d` puts it after the input's normalization, so the padding is
+    a normalized 0 and the statistics are the scan's own. A size already a
+    multiple is left as it is (statically: no copy at all).
+
+    The padding is a concatenation with zeros, not a pad op: TensorFlow's
+    oneDNN build fuses a pad into the next convolution and, for a pad at one
+    end only, then computes wrong sizes ("could not create a primitive
+    descriptor" in the transposed convolution of a U-Net).
+
+    Args:
+        divisor: an int, or one per spatial axis ``(x, y, z)``.
+        data_format: ``"channels_last"`` (default) or ``"channels_first"``.
+    """
+
+    def __init__(
+        self, divisor: int | Sequence[int] = 1, data_format: str = "channels_last", **kwargs: Any
+    ):
+        super().__init__(**kwargs)
+        values = [divisor] * 3 if isinstance(divisor, (int, np.integer)) else list(divisor)
+        if len(values) != 3:
+            raise ValueError(f"divisor must be an int or 3 ints, got {divisor!r}")
+        self.divisor = tuple(_check_int("divisor", v, 1) for v in values)
+        self.data_format = _check_data_format(data_format)
+        self.supports_masking = True
+
+    def call(self, inputs: Any) -> Any:
+        x = inputs
+        for axis, divisor in zip(_spatial_axes(self.data_format), self.divisor, strict=True):
+            size = ops.shape(x)[axis]
+            if isinstance(size, (int, np.integer)) and size % divisor == 0:
+                continue
+            shape = list(ops.shape(x))
+            # of non-negative numbers only: tf2onnx's Mod of a negative size is negative
+            shape[axis] = (divisor - size % divisor) % divisor
+            x = ops.concatenate([x, ops.zeros(shape, dtype=x.dtype)], axis=axis)
+        return x
+
+    def compute_output_shape(self, input_shape: Sequence[Any]) -> tuple:
+        shape = list(input_shape)
+        for axis, divisor in zip(_spatial_axes(self.data_format), self.divisor, strict=True):
+            if shape[axis] is not None:
+                shape[axis] += -shape[axis] % divisor
+        return tuple(shape)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "divisor": self.divisor, "data_format": self.data_format}
+
+
+@keras.saving.register_keras_serializable(package="keras_nii")
+class CropToInput(keras.layers.Layer):
+    """Crops the spatial axes of its first input to the sizes of its second.
+
+    Called as ``CropToInput()([outputs, inputs])``: the output of a network
+    that padded its input with :class:`PadToMultiple` is cut back to the
+    input's voxels (the padding was at the end of each axis).
+
+    Args:
+        data_format: ``"channels_last"`` (default) or ``"channels_first"``.
+    """
+
+    def __init__(self, data_format: str = "channels_last", **kwargs: Any):
+        super().__init__(**kwargs)
+        self.data_format = _check_data_format(data_format)
+
+    def call(self, inputs: Sequence[Any]) -> Any:
+        x, reference = inputs
+        sizes = ops.shape(reference)
+        window = [slice(None)] * 5
+        for axis in _spatial_axes(self.data_format):
+            window[axis] = slice(0, sizes[axis])
+        return x[tuple(window)]
+
+    def compute_output_shape(self, input_shape: Sequence[Any]) -> tuple:
+        shape, reference = (list(s) for s in input_shape)
+        for axis in _spatial_axes(self.data_format):
+            shape[axis] = reference[axis]
+        return tuple(shape)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "data_format": self.data_format}
 
 
 def _conv_block(x: Any, filters: int, batch_norm: bool, name: str) -> Any:
@@ -134,6 +230,7 @@ def unet3d(
     normalization: keras.layers.Layer | None = None,
     *,
     batch_norm: bool = True,
+    pad_to_fit: bool = True,
     name: str = "unet3d",
 ) -> keras.Model:
     """A small 3D U-Net for voxel-wise segmentation.
@@ -147,19 +244,25 @@ def unet3d(
     for ``num_classes=1`` (binary segmentation), a softmax over classes
     otherwise.
 
-    Spatial sizes must be divisible by ``2**levels`` (4 with the default
-    ``levels=2``), so that upsampled features line up with their skip
-    connections. A static size that is not raises ``ValueError`` here; with
-    ``None`` sizes (any input size, the default) the model records the
+    The network itself needs spatial sizes divisible by ``2**levels`` (4
+    with the default ``levels=2``), so that upsampled features line up with
+    their skip connections. With ``pad_to_fit=True`` (the default) the model
+    takes any size: after the normalization, :class:`PadToMultiple` zero pads
+    the end of each axis to a multiple, and :class:`CropToInput` cuts the
+    output back to the input's voxels, in ``fit``, ``evaluate``, ``predict``
+    and every exported artifact alike (sizes that are multiples are not
+    touched). The loss and metrics see only the input's voxels.
+
+    With ``pad_to_fit=False`` the model takes multiples only and records the
     divisor (a :class:`SizeDivisor` layer after the input and normalization,
     kept by ``save`` and ``export``): :func:`keras_nii.predict_nifti` pads any
-    scan to it and crops the result back, and a volume of another size given
+    scan to it and crops the result back; a static size that is not a
+    multiple raises ``ValueError`` here, and a volume of another size given
     to ``fit`` or ``evaluate`` raises a ``ValueError`` that says to pad
-    (``NiftiDataset(..., pad_to_multiple=4)``, ``shape=``, ``CenterCropOrPad3D``).
-    For the same reason, ``model.export`` under the JAX backend must be told
-    that the sizes are multiples of ``2**levels``, e.g. for ``levels=2`` and
-    one channel: ``model.export(path, jax2tf_kwargs={"polymorphic_shapes":
-    ["(batch, 4*x, 4*y, 4*z, 1)"]})``.
+    (``NiftiDataset(..., pad_to_multiple=4)``, ``shape=``, ``CenterCropOrPad3D``)
+    when TensorFlow traces the step for its size; volumes of varied sizes
+    are traced for unknown sizes, and the mismatch then shows as a
+    TensorFlow shape error in the skip connection.
 
     Args:
         input_shape: ``(x, y, z, channels)``; spatial sizes may be ``None``.
@@ -170,6 +273,8 @@ def unet3d(
             the model (e.g. ``keras_nii.layers.ZScoreNormalization(nonzero=True)``),
             so that the saved or exported model takes raw intensities.
         batch_norm: put ``BatchNormalization`` after each convolution.
+        pad_to_fit: pad inside the model, so that it takes any spatial size
+            (see above); ``False``: multiples of ``2**levels`` only.
         name: the model's name.
 
     Returns:
@@ -177,8 +282,8 @@ def unet3d(
         ``(batch, x, y, z, num_classes)`` float probabilities.
 
     Raises:
-        ValueError: a bad argument, or a static spatial size not divisible
-            by ``2**levels``.
+        ValueError: a bad argument, or (``pad_to_fit=False``) a static
+            spatial size not divisible by ``2**levels``.
 
     Example:
 
@@ -210,17 +315,23 @@ def unet3d(
             f"normalization must be a keras layer or None, got {type(normalization).__name__}"
         )
     factor = 2**levels
+    if not isinstance(pad_to_fit, bool):
+        raise ValueError(f"pad_to_fit must be True or False, got {pad_to_fit!r}")
     bad = [(axis, s) for axis, s in enumerate(shape[:3]) if s is not None and s % factor]
-    if bad:
+    if bad and not pad_to_fit:
         raise ValueError(
             f"input_shape {tuple(input_shape)}: spatial sizes must be divisible by "
             f"2**levels = {factor} (levels={levels}); axis "
             + ", axis ".join(f"{axis} has {s}" for axis, s in bad)
+            + "; or keep pad_to_fit=True"
         )
 
     inputs = keras.Input(shape=shape, name="image")
     x = normalization(inputs) if normalization is not None else inputs
-    x = SizeDivisor(factor, name="size_divisor")(x)
+    if pad_to_fit:
+        x = PadToMultiple(factor, name="pad_to_fit")(x)
+    else:
+        x = SizeDivisor(factor, name="size_divisor")(x)
     skips = []
     for level in range(levels):
         x = _conv_block(x, filters * 2**level, batch_norm, f"enc{level}")
@@ -233,8 +344,14 @@ def unet3d(
         x = _conv_block(x, filters * 2**level, batch_norm, f"dec{level}")
     activation = "sigmoid" if num_classes == 1 else "softmax"
     outputs = keras.layers.Conv3D(
-        num_classes, 1, activation=activation, dtype="float32", name="probabilities"
+        num_classes,
+        1,
+        activation=activation,
+        dtype="float32",
+        name="padded_probabilities" if pad_to_fit else "probabilities",
     )(x)
+    if pad_to_fit:
+        outputs = CropToInput(name="probabilities")([outputs, inputs])
     return keras.Model(inputs, outputs, name=name)
 
 

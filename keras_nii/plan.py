@@ -86,34 +86,37 @@ def _list_folder(folder: Path, argument: str) -> dict[str, Path]:
     return storage.list_nifti(folder, argument, _SUFFIXES)
 
 
+def _as_list(image: Any) -> list[str]:
+    """A subject's image files: one path, or a list of them (modalities)."""
+    return [image] if isinstance(image, str) else list(image)
+
+
 def _is_path(value: Any) -> bool:
     return isinstance(value, (str, os.PathLike))
 
 
-def _inputs(images: Any, labels: Any) -> list[tuple[str, str | None]]:
-    """``(image, label or None)`` pairs from folders or lists of files."""
+def _inputs(images: Any, labels: Any, pair_by: Any = "stem") -> list[tuple[Any, str | None]]:
+    """``(image, label or None)`` pairs from folders or lists of files.
+
+    From folders, paired by subject as :meth:`keras_nii.NiftiDataset.from_folder`
+    pairs them (``pair_by``); an image is then a path, or a list of paths
+    (a subject's modalities).
+    """
     if _is_path(images):
+        from keras_nii.pairing import pair_files
+
         found = _list_folder(Path(images), "images")
-        if labels is None:
-            return [(str(p), None) for p in found.values()]
-        if not (_is_path(labels) and Path(labels).is_dir()):
+        if labels is not None and not (_is_path(labels) and Path(labels).is_dir()):
             raise ValueError(f"labels must be a folder when images is one, got {labels!r}")
-        maps = _list_folder(Path(labels), "labels")
-        missing = [str(found[s]) for s in found if s not in maps]
-        if missing:
-            raise ValueError(
-                f"{len(missing)} image(s) without a label map of the same name in {labels}: "
-                + ", ".join(missing[:5])
-                + (" ..." if len(missing) > 5 else "")
-            )
-        orphans = [str(maps[s]) for s in maps if s not in found]
-        if orphans:
-            raise ValueError(
-                f"{len(orphans)} label map(s) without an image of the same name in {images}: "
-                + ", ".join(orphans[:5])
-                + (" ..." if len(orphans) > 5 else "")
-            )
-        return [(str(found[s]), str(maps[s])) for s in found]
+        maps = None if labels is None else _list_folder(Path(labels), "labels")
+        paired, paired_labels = pair_files(
+            found, maps, pair_by, images_dir=images, labels_dir=labels
+        )
+        if paired_labels is None:
+            return [(image, None) for image in paired]
+        return list(zip(paired, paired_labels, strict=True))
+    if pair_by != "stem":
+        raise ValueError("pair_by applies to folders; images is a list of files")
     try:
         files = [os.fspath(p) for p in images]
     except TypeError as err:
@@ -235,9 +238,27 @@ def _read_pair(
     accumulators: list[_Accumulator],
     label_counts: dict[int, int],
 ) -> dict[str, Any]:
-    """The figures of one file; adds its foreground to the dataset's accumulators."""
-    volume = load_nifti(image_path)
+    """The figures of one subject; adds its foreground to the dataset's accumulators.
+
+    ``image_path`` is a file, or a list of files (modalities, as channels in
+    that order), which must share one voxel grid.
+    """
+    paths = _as_list(image_path)
+    volume = load_nifti(paths[0])
     data = volume.array
+    if len(paths) > 1:
+        parts = [data]
+        for path in paths[1:]:
+            other = load_nifti(path)
+            if other.shape[:3] != volume.shape[:3] or not np.allclose(
+                other.affine, volume.affine, rtol=0, atol=_AFFINE_ATOL
+            ):
+                raise NiftiError(
+                    f"{path}: not on the voxel grid of {paths[0]}, the subject's first "
+                    f"modality: shapes {tuple(other.shape[:3])} vs {tuple(volume.shape[:3])}"
+                )
+            parts.append(other.array)
+        data = np.concatenate(parts, axis=-1)
     shape = [int(s) for s in data.shape[:3]]
     channels = int(data.shape[3])
     record: dict[str, Any] = {
@@ -594,7 +615,7 @@ class Plan:
     def report(self) -> str:
         """A readable table: the files, the dataset's figures, the suggestions."""
         low_key, high_key = (f"p{p:g}" for p in PERCENTILES)
-        names = [os.path.basename(r["image"]) for r in self.files]
+        names = [" + ".join(os.path.basename(f) for f in _as_list(r["image"])) for r in self.files]
         width = max(len("file"), *(len(n) for n in names))
         shapes = [
             _voxels(r["shape"]) + (f" x {r['channels']}" if r["channels"] > 1 else "")
@@ -688,6 +709,7 @@ def fingerprint(
     samples: int = 10_000_000,
     seed: int = 0,
     progress: Progress | None = None,
+    pair_by: Any = "stem",
 ) -> Plan:
     """Measure a dataset and suggest how to train on it.
 
@@ -709,9 +731,9 @@ def fingerprint(
         images: a folder of ``.nii`` / ``.nii.gz`` files (sorted by name,
             hidden files ignored) or a list of files.
         labels: ``None``, a folder of label maps paired with the images by
-            name stem (as :meth:`keras_nii.NiftiDataset.from_folder` pairs
-            them), or a list of label files, one per image. Each must be on
-            its image's voxel grid.
+            subject (``pair_by``, as :meth:`keras_nii.NiftiDataset.from_folder`
+            pairs them), or a list of label files, one per image. Each must
+            be on its image's voxel grid.
         modality: ``"auto"`` (detect CT from Hounsfield units), ``"ct"`` or
             ``"mr"`` (any non-CT data: per-sample z-score).
         max_voxels: the patch's voxel budget.
@@ -720,6 +742,11 @@ def fingerprint(
             dataset's percentiles.
         seed: the seed of that subsampling.
         progress: called as ``progress(done, total, path)`` after each file.
+        pair_by: how files in folders are grouped and paired by subject:
+            ``"stem"`` (identical names), ``"bids"``, ``"nnunet"``, a regular
+            expression or a function (see :mod:`keras_nii.pairing`). A
+            subject's several images (BIDS modalities, nnU-Net channels) are
+            measured as the channels of one volume.
 
     Returns:
         A :class:`Plan`.
@@ -744,7 +771,7 @@ def fingerprint(
     samples = _check_positive_int("samples", samples)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-    pairs = _inputs(images, labels)
+    pairs = _inputs(images, labels, pair_by)
     has_labels = pairs[0][1] is not None
     per_file = max(1, samples // len(pairs))
 
@@ -756,7 +783,7 @@ def fingerprint(
             _read_pair(index, image, label, per_file, int(seed), accumulators, label_counts)
         )
         if progress is not None:
-            progress(index + 1, len(pairs), image)
+            progress(index + 1, len(pairs), _as_list(image)[0])
     channels = {r["channels"] for r in records}
     if len(channels) > 1:
         raise ValueError(

@@ -26,7 +26,8 @@ def test_unet_shapes_and_output_range(num_classes, levels, activation):
     x = _volumes((1, 8, 12, 4, 2))
     y = np.asarray(model(x, training=False))
     assert y.shape == (1, 8, 12, 4, num_classes)
-    assert model.layers[-1].get_config()["activation"] == activation
+    assert model.get_layer("padded_probabilities").get_config()["activation"] == activation
+    assert model.output_names == ["probabilities"]
     assert np.all((y >= 0) & (y <= 1))
     if num_classes > 1:
         np.testing.assert_allclose(y.sum(axis=-1), 1.0, atol=1e-5)
@@ -66,8 +67,47 @@ def test_unet_normalization_layer_comes_first_and_is_applied():
     ],
 )
 def test_unet_rejects_sizes_not_divisible_by_2_to_the_levels(shape, levels, message):
-    with pytest.raises(ValueError, match=message):
-        unet3d(shape, levels=levels)
+    with pytest.raises(ValueError, match=message + ".*pad_to_fit=True"):
+        unet3d(shape, levels=levels, pad_to_fit=False)
+    # padding inside the model, it takes them
+    model = unet3d(shape, levels=levels, filters=2)
+    assert model.output_shape == (None, *shape[:3], 1)
+
+
+@pytest.mark.parametrize("levels", [1, 2, 3])
+def test_unet_pads_any_size_inside_and_crops_back(levels):
+    """An odd size gives what the network gives on the volume zero padded by hand.
+
+    The reference is the same weights run on a padded input (a multiple, so
+    the model pads nothing), cropped: the padding is a 0 at the end of each
+    axis after the normalization, and the output is the input's voxels.
+    """
+    keras.utils.set_random_seed(levels)
+    model = unet3d(filters=2, levels=levels, batch_norm=False)
+    x = _volumes((2, 9, 14, 5, 1), seed=levels)
+    factor = 2**levels
+    padded = np.zeros((2, *(-(-s // factor) * factor for s in (9, 14, 5)), 1), np.float32)
+    padded[:, :9, :14, :5] = x
+    want = np.asarray(model(padded, training=False))[:, :9, :14, :5]
+    got = np.asarray(model(x, training=False))
+    assert got.shape == (2, 9, 14, 5, 1)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    # a multiple is left as it is: nothing padded, nothing cropped
+    layer = model.get_layer("pad_to_fit")
+    assert layer(padded).shape == padded.shape and tuple(layer(x).shape[1:4]) == padded.shape[1:4]
+
+
+def test_unet_pad_to_fit_is_checked_and_kept_by_save(tmp_path):
+    with pytest.raises(ValueError, match="pad_to_fit must be True or False"):
+        unet3d(pad_to_fit="yes")
+    model = unet3d(filters=2, levels=2, normalization=ZScoreNormalization(nonzero=True))
+    path = tmp_path / "m.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    x = np.abs(_volumes((1, 7, 10, 6, 1))) + 1.0
+    np.testing.assert_allclose(
+        np.asarray(loaded(x, training=False)), np.asarray(model(x, training=False)), atol=1e-6
+    )
 
 
 @pytest.mark.parametrize(

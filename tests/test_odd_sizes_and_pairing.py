@@ -11,6 +11,7 @@ import pytest
 
 from keras_nii import NiftiDataset
 from keras_nii.data import center_crop_or_pad
+from keras_nii.io import load_nifti
 from keras_nii.models import DiceLoss, unet3d
 
 
@@ -66,12 +67,47 @@ def test_fit_and_validate_on_odd_sizes(tmp_path):
     assert np.isfinite(history.history["loss"][0]) and np.isfinite(history.history["val_loss"][0])
 
 
-def test_unpadded_odd_volumes_fail_with_one_clear_error(tmp_path):
-    # volumes of one odd size (the 99 x 117 x 95, batch_size=1): Keras traces the
-    # step for that shape, and the network's SizeDivisor says what to set
-    images, masks, _ = _odd_subjects(tmp_path, [(11, 13, 7), (11, 13, 7)])
+def test_fit_and_validate_on_unpadded_volumes_of_varied_odd_sizes(tmp_path):
+    # the default unet3d pads inside the model and crops back: no pad_to_multiple, volumes
+    # of three odd sizes (so TensorFlow traces the step for unknown sizes), validation too
+    sizes = [(11, 13, 7), (9, 14, 7), (10, 9, 11), (7, 6, 5)]
+    images, masks, _ = _odd_subjects(tmp_path, sizes)
     keras.utils.set_random_seed(0)
     net = unet3d(filters=2, levels=2)
+    net.compile("adam", DiceLoss())
+    train = NiftiDataset(images[:3], masks[:3], batch_size=1)
+    val = NiftiDataset(images[3:], masks[3:], batch_size=1)
+    history = net.fit(train, validation_data=val, epochs=2, verbose=0)
+    assert all(np.isfinite(v) for v in history.history["loss"] + history.history["val_loss"])
+    for image, size in zip(images, sizes, strict=True):
+        x = load_nifti(image).array[None]
+        assert net.predict_on_batch(x).shape == (1, *size, 1)
+
+
+def test_a_dataset_says_when_its_sizes_vary(tmp_path):
+    # Keras's tf.data signature comes from the first two batches; the dataset corrects it
+    # from its headers, and only when the sizes really vary
+    import tensorflow as tf
+
+    from keras_nii._pydataset_spec import relax
+
+    images, masks, _ = _odd_subjects(tmp_path, [(8, 8, 4), (8, 8, 4), (8, 6, 4)])
+    assert not NiftiDataset(images[:2], masks[:2], batch_size=1)._sizes_vary()
+    assert NiftiDataset(images, masks, batch_size=1)._sizes_vary()
+    spec = (tf.TensorSpec((1, 8, 8, 4, 1), tf.float32), tf.TensorSpec((1, 8, 8, 4, 1), tf.int32))
+    relaxed = relax(spec)
+    assert [tuple(s.shape) for s in relaxed] == [(1, None, None, None, 1)] * 2
+    assert [s.dtype for s in relaxed] == [tf.float32, tf.int32]
+    assert not NiftiDataset(images, masks, batch_size=1, shape=(8, 8, 4))._sizes_vary()
+
+
+def test_unpadded_odd_volumes_fail_with_one_clear_error(tmp_path):
+    # a unet3d that takes multiples only (pad_to_fit=False), on volumes of one odd size
+    # (the 99 x 117 x 95, batch_size=1): Keras traces the step for that shape,
+    # and the network's SizeDivisor says what to set
+    images, masks, _ = _odd_subjects(tmp_path, [(11, 13, 7), (11, 13, 7)])
+    keras.utils.set_random_seed(0)
+    net = unet3d(filters=2, levels=2, pad_to_fit=False)
     net.compile("adam", DiceLoss())
     raw = NiftiDataset(images, masks, batch_size=1)
     with pytest.raises(ValueError, match=r"multiples of 4 x 4 x 4.*pad_to_multiple=4"):

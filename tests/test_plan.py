@@ -530,6 +530,46 @@ def test_channels_of_a_4d_file_each_get_their_figures(tmp_path):
         fingerprint([image_path, single])
 
 
+def test_bids_folders_pair_by_subject_with_modalities_as_channels(tmp_path, capsys):
+    # sub-XX_FLAIR + sub-XX_T1w beside sub-XX_mask: pair_by="bids", as from_folder pairs them
+    rng = np.random.default_rng(7)
+    images, labels = tmp_path / "rawdata", tmp_path / "derivatives"
+    images.mkdir()
+    labels.mkdir()
+    affine = np.diag([1.0, 1.2, 2.0, 1.0])
+    data = {}
+    for subject in ("sub-01", "sub-02"):
+        flair = rng.normal(300, 30, (10, 12, 8)).astype(np.float32)
+        t1 = rng.normal(80, 8, (10, 12, 8)).astype(np.float32)
+        mask = np.zeros((10, 12, 8), np.uint8)
+        mask[2:7, 3:9, 1:6] = 1
+        _save(flair, affine, images / f"{subject}_FLAIR.nii.gz")
+        _save(t1, affine, images / f"{subject}_T1w.nii.gz")
+        _save(mask, affine, labels / f"{subject}_mask.nii.gz")
+        data[subject] = (flair, t1, mask)
+    with pytest.raises(ValueError, match="without a label map"):
+        fingerprint(images, labels)  # identical names: nothing pairs
+    plan = fingerprint(images, labels, pair_by="bids")
+    assert [len(r["image"]) for r in plan.files] == [2, 2]
+    assert plan.dataset["channels"] == 2 and plan.dataset["n_files"] == 2
+    for channel in range(2):  # FLAIR then T1w: name order
+        values = np.concatenate([d[channel][d[2] != 0] for d in data.values()]).astype(np.float64)
+        figures = plan.dataset["intensity"][channel]
+        np.testing.assert_allclose(
+            [figures["mean"], figures["std"]], [values.mean(), values.std()], rtol=1e-5
+        )
+    assert "sub-01_FLAIR.nii.gz + sub-01_T1w.nii.gz" in plan.report()
+    # the command line too
+    assert main(["plan", str(images), str(labels), "--pair-by", "bids", "--no-progress"]) == 0
+    assert "sub-02_FLAIR.nii.gz + sub-02_T1w.nii.gz" in capsys.readouterr().out
+    # a modality off the subject's grid is refused, naming the file
+    _save(data["sub-02"][1][:9], affine, images / "sub-02_T1w.nii.gz")
+    with pytest.raises(NiftiError, match="sub-02_T1w.nii.gz: not on the voxel grid of"):
+        fingerprint(images, labels, pair_by="bids")
+    with pytest.raises(ValueError, match="pair_by applies to folders"):
+        fingerprint([str(images / "sub-01_T1w.nii.gz")], pair_by="bids")
+
+
 def test_a_missing_folder_is_named(tmp_path):
     with pytest.raises(ValueError, match="images: .*nowhere is not a directory"):
         fingerprint(tmp_path / "nowhere")

@@ -15,13 +15,18 @@ from keras_nii.models import SizeDivisor, unet3d
 
 @pytest.fixture(scope="module")
 def net():
+    """A U-Net that takes multiples of 4 only: predict_nifti pads for it."""
     keras.utils.set_random_seed(0)
-    return unet3d(filters=2, levels=2, normalization=ZScoreNormalization(nonzero=True))
+    return unet3d(
+        filters=2, levels=2, normalization=ZScoreNormalization(nonzero=True), pad_to_fit=False
+    )
 
 
 def test_unet3d_records_its_divisor_in_keras_and_saved_models(net, tmp_path):
     assert size_divisor(net) == (4, 4, 4)
-    assert size_divisor(unet3d(filters=2, levels=3)) == (8, 8, 8)
+    assert size_divisor(unet3d(filters=2, levels=3, pad_to_fit=False)) == (8, 8, 8)
+    # padding inside (the default), it takes any size, although it pools by 2 twice
+    assert size_divisor(unet3d(filters=2, levels=2)) == (1, 1, 1)
     path = tmp_path / "net.keras"
     net.save(path)
     assert size_divisor(keras.saving.load_model(path)) == (4, 4, 4)
@@ -64,6 +69,19 @@ def test_predict_nifti_on_a_scan_of_any_size(net, tmp_path, nibabel_data):
     )
 
 
+def test_predict_nifti_with_a_unet_that_pads_by_itself(tmp_path, nibabel_data):
+    # the default unet3d: predict_nifti pads nothing, the model does, after its normalization
+    keras.utils.set_random_seed(0)
+    padding = unet3d(filters=2, levels=2, normalization=ZScoreNormalization(nonzero=True))
+    scan = nibabel_data / "anatomical.nii"
+    out = predict_nifti(padding, scan, tmp_path / "p.nii.gz", output="probabilities")
+    assert nib.load(out).shape == (33, 41, 25)
+    ras = load_nifti(scan).array
+    expected = np.asarray(padding.predict_on_batch(ras[None]))[0]
+    assert expected.shape == (33, 41, 25, 1)
+    np.testing.assert_allclose(load_nifti(out).array, expected, atol=1e-5)
+
+
 def test_size_arguments_are_checked(net):
     volume = np.ones((9, 9, 9, 1), np.float32)
     with pytest.raises(
@@ -78,7 +96,7 @@ def test_size_arguments_are_checked(net):
 
 def test_a_wrong_size_given_to_the_network_says_what_to_set(net):
     # what fit / evaluate would meet on unpadded volumes: one ValueError naming the fix
-    with pytest.raises(ValueError, match=r"multiples of 4 x 4 x 4 .*pad_to_multiple=4"):
+    with pytest.raises(ValueError, match=r"multiples of 4 x 4 x 4 .*pad_to_multiple=4.*pad_to_fit"):
         net(np.ones((1, 9, 8, 8, 1), np.float32))
     layer = SizeDivisor((2, 4, 8))
     assert layer.get_config()["divisor"] == (2, 4, 8)

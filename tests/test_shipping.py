@@ -40,7 +40,7 @@ litert = pytest.importorskip(
 
 from keras_nii.cli import main  # noqa: E402
 from keras_nii.export import export_model, read_signature  # noqa: E402
-from keras_nii.inference import predict_nifti  # noqa: E402
+from keras_nii.inference import predict_nifti, size_divisor  # noqa: E402
 from keras_nii.layers import (  # noqa: E402
     CenterCropOrPad3D,
     IntensityWindow,
@@ -226,7 +226,7 @@ def test_exported_layers_keep_symbolic_sizes_and_no_random_op(exported_layers):
 # --------------------------------------------------------------------------- a U-Net
 
 
-def fingerprint_unet() -> keras.Model:
+def fingerprint_unet(**kwargs) -> keras.Model:
     """A U-Net whose input goes through the normalization a dataset plan suggests."""
     normalization = keras.Sequential(
         [
@@ -236,7 +236,12 @@ def fingerprint_unet() -> keras.Model:
         name="fingerprint",
     )
     return unet3d(
-        (None, None, None, 1), num_classes=3, filters=4, levels=2, normalization=normalization
+        (None, None, None, 1),
+        num_classes=3,
+        filters=4,
+        levels=2,
+        normalization=normalization,
+        **kwargs,
     )
 
 
@@ -308,8 +313,12 @@ def test_unet_with_the_fingerprint_normalization_in_every_runtime(shipped):
     from keras_nii.inference import load_model
 
     saved = load_model(folder / "unet_sm")
+    # the U-Net pads by itself (pad_to_fit): no file needs a size divisor
+    assert onnx.size_divisor is None
+    assert size_divisor(saved) is None and size_divisor(model) == (1, 1, 1)
     rng = np.random.default_rng(1)
-    for shape in [(2, 16, 16, 16), (1, 24, 12, 20)]:
+    # sizes that are multiples of the U-Net's 4, and sizes that it pads inside the graph
+    for shape in [(2, 16, 16, 16), (1, 24, 12, 20), (1, 21, 13, 18)]:
         image, _, _ = make_phantom(shape[1:], seed=int(rng.integers(100)))
         x = np.repeat(image[None, ..., None], shape[0], axis=0).astype("float32")
         x[-1] *= 1.3  # intensities beyond the clip
@@ -365,20 +374,24 @@ def test_predict_nifti_with_onnx_equals_keras(shipped, tmp_path, orientation):
     np.testing.assert_array_equal(np.asarray(nib.load(out).dataobj), labels)
 
 
-def test_predict_nifti_with_onnx_pads_to_the_divisor_and_resamples(shipped, tmp_path):
-    # 21 x 26 x 15 voxels: not multiples of the U-Net's 4, in one window; and at 1.5 mm
+def test_predict_nifti_with_onnx_pads_to_the_divisor_and_resamples(tmp_path):
+    # a U-Net that takes multiples of 4 only (pad_to_fit=False): its ONNX file
+    # says so, and predict_nifti pads 21 x 26 x 15 voxels, in one window; and at 1.5 mm
+    keras.utils.set_random_seed(0)
+    model = fingerprint_unet(pad_to_fit=False)
+    export_model(model, tmp_path / "unet.onnx")
     image, _, affine = make_phantom(
         (21, 26, 15), seed=5, orientation="LPS", spacing=(1.2, 1.0, 1.3)
     )
     img = nib.Nifti1Image(image.astype("float32"), affine)
     nib.save(img, tmp_path / "odd.nii.gz")
     scan = str(tmp_path / "odd.nii.gz")
-    onnx = OnnxModel(shipped["folder"] / "unet.onnx")
+    onnx = OnnxModel(tmp_path / "unet.onnx")
     assert onnx.size_divisor == (4, 4, 4)  # from the file's metadata
     for options in [{}, {"spacing": (1.5, 1.5, 1.5)}]:
         got, want = tmp_path / "onnx.nii.gz", tmp_path / "keras.nii.gz"
         predict_nifti(onnx, scan, got, output="probabilities", **options)
-        predict_nifti(shipped["model"], scan, want, output="probabilities", **options)
+        predict_nifti(model, scan, want, output="probabilities", **options)
         assert nib.load(got).shape[:3] == (21, 26, 15)
         assert_close(nib.load(got).get_fdata(), nib.load(want).get_fdata(), str(options))
 

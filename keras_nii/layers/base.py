@@ -284,7 +284,8 @@ class VolumeLayer(keras.layers.Layer):
     def _sizes(self, tensor: Any) -> tuple:
         """The static ``(batch, x, y, z, channels)`` of a rank-4 or 5 tensor (None: unknown;
         the batch is 1 for rank 4)."""
-        shape = tuple(None if s is None else int(s) for s in tensor.shape)
+        # symbolic sizes (JAX's shape polymorphism, in an export) are unknown too
+        shape = tuple(s if isinstance(s, int) else None for s in tensor.shape)
         if len(shape) == 4:
             shape = (1, *shape)
         if self.data_format == "channels_first":

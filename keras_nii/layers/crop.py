@@ -105,17 +105,42 @@ def _gather_windows(volumes: Any, starts: Any, shape: Sequence[int], fill: Any =
     return ops.where(inside[..., None], values, ops.cast(fill, volumes.dtype))
 
 
+def _take_center(volumes: Any, shape: Sequence[int], fill: Any) -> Any:
+    """:func:`_center_crop_or_pad` as one take per axis and a select, without a pad.
+
+    For JAX's symbolic sizes (an ONNX export through jax2onnx, which also
+    cannot reshape to -1 or index a range of symbolic length).
+    """
+    inside = None
+    for axis, target in enumerate(shape, start=1):
+        size = ops.shape(volumes)[axis]
+        before, _, start = _center_window(size, target)
+        at = ops.arange(0, target, dtype="int32") + ops.cast(start - before, "int32")
+        size = ops.cast(size, "int32")
+        view = [1, 1, 1, 1, 1]
+        view[axis] = target
+        valid = ops.reshape(ops.logical_and(at >= 0, at < size), view)
+        inside = valid if inside is None else ops.logical_and(inside, valid)
+        volumes = ops.take(volumes, ops.clip(at, 0, size - 1), axis=axis)
+    return ops.where(inside, volumes, ops.cast(fill, volumes.dtype))
+
+
 def _center_crop_or_pad(volumes: Any, shape: Sequence[int], fill: Any) -> Any:
     """Center crop or pad ``(b, x, y, z, c)`` to the spatial ``shape``.
 
     Under PyTorch, one gather (:func:`_gather_windows`) instead of a pad and
     a slice: ``torch.onnx`` exports a pad of dynamic widths as int32 widths
     concatenated with int64 zeros, a graph ONNX Runtime refuses to load.
+    Under JAX with symbolic sizes (an export), a take per axis: JAX pads
+    only by static widths.
     """
     sizes = ops.shape(volumes)[1:4]
     if all(_is_static(s) and s == t for s, t in zip(sizes, shape, strict=True)):
         return volumes
-    if keras.backend.backend() == "torch":
+    backend = keras.backend.backend()
+    if backend == "jax" and not all(map(_is_static, sizes)):
+        return _take_center(volumes, shape, fill)
+    if backend == "torch":
         offsets = [start - before for before, _, start in map(_center_window, sizes, shape)]
         starts = ops.broadcast_to(_as_vector(offsets, "int32")[None, :], (ops.shape(volumes)[0], 3))
         return _gather_windows(volumes, starts, shape, fill)

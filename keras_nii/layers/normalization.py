@@ -243,7 +243,8 @@ class ZScoreNormalization(VolumeLayer):
         voxels = ops.reshape(x, rows)
         step = _SHIFT_STRIDE
         subsample = ops.reshape(x[:, ::step, ::step, ::step, :], rows)
-        shifted = voxels - self._shift(voxels, subsample, work)
+        shift = self._shift(voxels, subsample, work)
+        shifted = voxels - shift
         # count, sum and sum of squares: three reductions of the same shifted
         # values, none waiting for another (voxels left out are zeroed), where
         # the minimum, the count, the mean and then the centred squares took
@@ -274,10 +275,15 @@ class ZScoreNormalization(VolumeLayer):
         variance = ops.maximum(squares - ops.square(mean), 0.0)
         std = ops.sqrt(variance)
         std = ops.where(std < self.epsilon, ops.ones_like(std), std)
-        out = (shifted - mean) / std  # NaN and +-inf stay what they were
+        # applied to the volume itself, the statistics reshaped to broadcast:
+        # no reshape of the rows back to (x, y, z), which jax2onnx cannot map
+        # from symbolic sizes
+        stats = (shape[0], 1, 1, 1, shape[4] if len(rows) == 3 else 1)
+        shift, mean, std = (ops.reshape(v, stats) for v in (shift, mean, std))
+        out = (x - shift - mean) / std  # NaN and +-inf stay what they were
         if self.nonzero:
-            out = ops.where(inside, out, ops.zeros_like(out))
-        return ops.cast(ops.reshape(out, shape), dtype)
+            out = ops.where(ops.not_equal(x, 0), out, ops.zeros_like(out))
+        return ops.cast(out, dtype)
 
     def get_config(self) -> dict:
         config = super().get_config()

@@ -17,17 +17,33 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import keras
 from keras import ops
 
-__all__ = ["finite_quantiles", "quantiles"]
+from keras_nii.ops.index import positions
+
+__all__ = ["finite_quantiles", "quantiles", "searched_quantiles"]
 
 _SPLIT = 4096
+
+
+def _split(m: Any) -> tuple[Any, Any]:
+    """``divmod(m, _SPLIT)`` of a non-negative int32 tensor, without an integer division.
+
+    jax2onnx cannot lower JAX's integer remainder (which ``//`` and ``%`` use)
+    on a tensor of symbolic shape: the quotient is taken in float32 (off by
+    at most one for ``m`` up to ``2**31``) and corrected in int32.
+    """
+    a = ops.cast(ops.floor(ops.cast(m, "float32") / _SPLIT), "int32")
+    b = m - a * _SPLIT
+    a, b = ops.where(b < 0, a - 1, a), ops.where(b < 0, b + _SPLIT, b)
+    return ops.where(b >= _SPLIT, a + 1, a), ops.where(b >= _SPLIT, b - _SPLIT, b)
 
 
 def _position(count: Any, q: float) -> tuple[Any, Any]:
     """``q * (count - 1)`` as an int32 floor and a float32 fraction in [0, 1)."""
     m = ops.cast(count, "int32") - 1
-    a, b = m // _SPLIT, m % _SPLIT
+    a, b = _split(m)
     scaled = _SPLIT * q
     whole = math.floor(scaled)
     rest = ops.cast(a, "float32") * (scaled - whole) + ops.cast(b, "float32") * q
@@ -84,11 +100,7 @@ def _pick(ordered: Any, index: Any) -> Any:
     has no ``take_along_dim``, and the select costs one elementwise pass,
     small beside the sort.
     """
-    rank = len(ordered.shape)
-    positions = ops.reshape(
-        ops.arange(ops.shape(ordered)[1], dtype="int32"), (1, -1) + (1,) * (rank - 2)
-    )
-    chosen = ops.where(positions == index, ordered, ops.zeros_like(ordered))
+    chosen = ops.where(positions(ordered, 1) == index, ordered, ops.zeros_like(ordered))
     return ops.sum(chosen, axis=1, keepdims=True)
 
 
@@ -100,6 +112,8 @@ def finite_quantiles(rows: Any, qs: Sequence[float]) -> list[Any]:
     +inf) and -inf first, so a row's finite values lie in between, from its
     count of -inf on. Each result keeps axis 1, of size 1.
     """
+    if keras.backend.backend() == "jax" and not isinstance(ops.shape(rows)[1], int):
+        return searched_quantiles(rows, qs)
     finite = ops.isfinite(rows)
     ordered = ops.sort(ops.where(ops.isnan(rows), ops.full_like(rows, math.inf), rows), axis=1)
     count = ops.sum(ops.cast(finite, "int32"), axis=1, keepdims=True)
@@ -117,5 +131,109 @@ def finite_quantiles(rows: Any, qs: Sequence[float]) -> list[Any]:
         low = _pick(ordered, ops.minimum(first + lower, end))
         high = _pick(ordered, ops.minimum(first + upper, end))
         value = low + (high - low) * ops.cast(fraction, rows.dtype)
+        out.append(ops.where(count > 0, value, ops.zeros_like(value)))
+    return out
+
+
+#: halvings of each row's range in :func:`searched_quantiles`: first of the
+#: values' logarithms (their magnitudes), then of the values themselves
+COARSE_BISECTIONS = 40
+FINE_BISECTIONS = 32
+
+
+def _count_at_most(values: Any, finite: Any, value: Any) -> Any:
+    kept = ops.logical_and(finite, values <= value)
+    return ops.sum(ops.cast(kept, "int32"), axis=1, keepdims=True)
+
+
+def _largest_at_most(rows: Any, finite: Any, values: Any, value: Any) -> Any:
+    kept = ops.logical_and(finite, values <= value)
+    return ops.max(ops.where(kept, rows, ops.full_like(rows, -math.inf)), axis=1, keepdims=True)
+
+
+def _smallest_above(rows: Any, finite: Any, value: Any) -> Any:
+    kept = ops.logical_and(finite, rows > value)
+    return ops.min(ops.where(kept, rows, ops.full_like(rows, math.inf)), axis=1, keepdims=True)
+
+
+def _bisect(values: Any, finite: Any, target: Any, lo: Any, hi: Any, steps: int) -> tuple:
+    """Narrow ``(lo, hi]`` around the ``target``-th smallest of ``values`` (1-based).
+
+    Keeps fewer than ``target`` values at most ``lo`` and at least
+    ``target`` at most ``hi``.
+    """
+    for _ in range(steps):
+        mid = lo * 0.5 + hi * 0.5  # not lo + (hi - lo) / 2: that overflows for +-3e38
+        enough = _count_at_most(values, finite, mid) >= target
+        lo, hi = ops.where(enough, lo, mid), ops.where(enough, mid, hi)
+    return lo, hi
+
+
+def _order_statistic(rows: Any, finite: Any, k: Any, low: Any, high: Any) -> Any:
+    """The ``k``-th smallest finite value of each row (0-based), by bisection.
+
+    ``low`` and ``high`` are the rows' finite minimum and maximum. A plain
+    bisection of the values cannot reach a value of 1 in a row that spans
+    +-3e38 in a few dozen steps, so it first bisects ``sign(x) log(1 + |x|)``
+    (a monotone map of every float32 into [-89, 89]), then, from the data
+    values that bound what it kept, the values themselves, down to
+    neighbouring floats. The answer is the smallest value above the lower
+    bound: a value of the row.
+    """
+    target = k + 1
+    magnitudes = ops.sign(rows) * ops.log1p(ops.abs(rows))
+    lo, hi = _bisect(
+        magnitudes,
+        finite,
+        target,
+        ops.sign(low) * ops.log1p(ops.abs(low)),
+        ops.sign(high) * ops.log1p(ops.abs(high)),
+        COARSE_BISECTIONS,
+    )
+    # the log map is monotone: "magnitude <= m" is "value <= the largest value so
+    # mapped". For the lower bound the map's inverse is tighter (no data value may
+    # lie near it), kept where it keeps fewer than target values at most it
+    hi = _largest_at_most(rows, finite, magnitudes, hi)
+    below = _largest_at_most(rows, finite, magnitudes, lo)
+    inverse = ops.sign(lo) * ops.expm1(ops.abs(lo))
+    usable = ops.logical_and(_count_at_most(rows, finite, inverse) < target, inverse > below)
+    lo = ops.where(usable, inverse, below)
+    lo, _ = _bisect(rows, finite, target, lo, hi, FINE_BISECTIONS)
+    at_minimum = _count_at_most(rows, finite, low) >= target
+    return ops.where(at_minimum, low, _smallest_above(rows, finite, lo))
+
+
+def searched_quantiles(rows: Any, qs: Sequence[float]) -> list[Any]:
+    """:func:`finite_quantiles` without a sort: order statistics found by bisection.
+
+    For graphs that cannot sort: jax2onnx, Keras's ONNX exporter under JAX,
+    sorts only along axes of a static length, and an exported model's
+    spatial sizes are symbolic. Each quantile costs about
+    ``COARSE_BISECTIONS + FINE_BISECTIONS`` counting passes over the row
+    instead of one sort; the values equal :func:`finite_quantiles`' (tested
+    against it and against ``numpy.quantile``), except where a CPU flushes
+    subnormal numbers (below 1.2e-38) to zero.
+    """
+    rows = ops.convert_to_tensor(rows)
+    finite = ops.isfinite(rows)
+    count = ops.sum(ops.cast(finite, "int32"), axis=1, keepdims=True)
+    low = ops.min(ops.where(finite, rows, ops.full_like(rows, math.inf)), axis=1, keepdims=True)
+    high = ops.max(ops.where(finite, rows, ops.full_like(rows, -math.inf)), axis=1, keepdims=True)
+    last = ops.maximum(count - 1, 0)
+    out = []
+    for q in qs:
+        if not 0.0 <= q <= 1.0:
+            raise ValueError(f"a quantile must be in [0, 1], got {q!r}")
+        lower, fraction = _position(ops.maximum(count, 1), float(q))
+        lower = ops.minimum(lower, last)
+        value_low = _order_statistic(rows, finite, lower, low, high)
+        # the next order statistic: the same value while it repeats, else the next value
+        repeats = _count_at_most(rows, finite, value_low) >= lower + 2
+        value_high = ops.where(
+            ops.logical_or(repeats, lower >= last),
+            value_low,
+            _smallest_above(rows, finite, value_low),
+        )
+        value = value_low + (value_high - value_low) * ops.cast(fraction, rows.dtype)
         out.append(ops.where(count > 0, value, ops.zeros_like(value)))
     return out

@@ -23,6 +23,7 @@ from typing import Any
 import keras
 from keras import ops
 
+from keras_nii.ops.index import positions
 from keras_nii.ops.xla import materialize
 
 __all__ = [
@@ -55,7 +56,7 @@ def affine_coordinates(matrices: Any, output_shape: Sequence[Any]) -> Coordinate
         axis for every output voxel.
     """
     matrices = ops.cast(matrices, "float32")
-    grids = [ops.arange(size, dtype="float32") for size in output_shape]
+    grids = [ops.arange(0, size, dtype="float32") for size in output_shape]
     # o_x varies along axis 1, o_y along 2, o_z along 3 of (batch, x, y, z)
     gx = ops.reshape(grids[0], (1, -1, 1, 1))
     gy = ops.reshape(grids[1], (1, 1, -1, 1))
@@ -111,8 +112,7 @@ def resample(
     # still an expression (a flip, noise) is computed once, not at each read
     volumes = materialize(volumes, lambda: ops.reshape(coordinates[0], (-1,))[0] >= 0.0)
     shape = ops.shape(volumes)
-    batch, sizes, channels = shape[0], shape[1:4], shape[4]
-    out_shape = ops.shape(coordinates[0])
+    sizes, channels = shape[1:4], shape[4]
     flat = ops.reshape(volumes, (-1, channels))
 
     inside = None
@@ -128,16 +128,15 @@ def resample(
         prepared.append(ops.clip(t, 0.0, high))
 
     strides = (sizes[1] * sizes[2], sizes[2], 1)
-    base = ops.reshape(ops.arange(batch, dtype="int32"), (-1, 1, 1, 1)) * ops.cast(
-        sizes[0] * sizes[1] * sizes[2], "int32"
-    )
+    base = positions(volumes, 0)[..., 0] * ops.cast(sizes[0] * sizes[1] * sizes[2], "int32")
 
     def gather(indices: Sequence[Any]) -> Any:
         flat_index = base
         for index, stride in zip(indices, strides, strict=True):
             flat_index = flat_index + index * ops.cast(stride, "int32")
-        values = ops.take(flat, ops.reshape(flat_index, (-1,)), axis=0)
-        return ops.reshape(values, (*[out_shape[i] for i in range(4)], channels))
+        # (batch, X, Y, Z) indices give (batch, X, Y, Z, channels) at once: no
+        # reshape to the output's sizes, which jax2onnx cannot map to its input
+        return ops.take(flat, flat_index, axis=0)
 
     if interpolation == "nearest":
         out = gather([ops.cast(ops.floor(t + 0.5), "int32") for t in prepared])
