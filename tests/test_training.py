@@ -514,3 +514,37 @@ def test_images_and_masks_of_other_sizes_stop_the_step(other):
     shrinking = AugmentedModel(valid, spatial_pipeline())
     shrinking.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
     assert np.isfinite(shrinking.evaluate(x, np.zeros((2, 6, 6, 6, 1), "float32"), verbose=0))
+
+
+def test_a_unet_trains_on_volumes_of_varied_odd_sizes(tmp_path):
+    """The first hour's 99 x 117 x 95 volumes, small: no padding argument anywhere.
+
+    unet3d pads inside the model and crops back, in every backend; the
+    volumes differ in size on every axis but the first two share a depth
+    (Keras's TensorFlow pipeline learns its shapes from two batches).
+    """
+    import nibabel as nib
+
+    from keras_nii import NiftiDataset
+    from keras_nii.models import DiceLoss, unet3d
+
+    rng = np.random.default_rng(0)
+    images, masks = [], []
+    for i, shape in enumerate([(11, 13, 7), (9, 14, 7), (10, 9, 11), (7, 6, 5)]):
+        image = rng.normal(100, 20, shape).astype(np.float32)
+        mask = (image > 110).astype(np.uint8)
+        for array, folder, out in ((image, "img", images), (mask, "lab", masks)):
+            path = tmp_path / folder / f"s{i}.nii.gz"
+            path.parent.mkdir(exist_ok=True)
+            nib.save(nib.Nifti1Image(array, np.eye(4)), path)
+            out.append(str(path))
+    keras.utils.set_random_seed(0)
+    net = unet3d(filters=2, levels=2, normalization=keras_nii.layers.ZScoreNormalization())
+    net.compile("adam", DiceLoss(bce_weight=1.0))
+    train = NiftiDataset(images[:3], masks[:3], batch_size=1, shuffle=True, seed=0)
+    val = NiftiDataset(images[3:], masks[3:], batch_size=1)
+    history = net.fit(train, validation_data=val, epochs=2, verbose=0)
+    losses = history.history["loss"] + history.history["val_loss"]
+    assert all(np.isfinite(v) for v in losses), losses
+    x, _ = train[0]
+    assert net.predict_on_batch(x).shape == (*x.shape[:4], 1)
