@@ -275,14 +275,20 @@ class ZScoreNormalization(VolumeLayer):
         variance = ops.maximum(squares - ops.square(mean), 0.0)
         std = ops.sqrt(variance)
         std = ops.where(std < self.epsilon, ops.ones_like(std), std)
-        # applied to the volume itself, the statistics reshaped to broadcast:
-        # no reshape of the rows back to (x, y, z), which jax2onnx cannot map
-        # from symbolic sizes
-        stats = (shape[0], 1, 1, 1, shape[4] if len(rows) == 3 else 1)
-        shift, mean, std = (ops.reshape(v, stats) for v in (shift, mean, std))
-        out = (x - shift - mean) / std  # NaN and +-inf stay what they were
+        if keras.backend.backend() == "jax":
+            # applied to the volume itself, the statistics reshaped to broadcast:
+            # jax2onnx (an ONNX export) cannot reshape the rows back to symbolic
+            # (x, y, z) sizes; XLA fuses either form into the same loop
+            stats = (shape[0], 1, 1, 1, shape[4] if len(rows) == 3 else 1)
+            shift, mean, std = (ops.reshape(v, stats) for v in (shift, mean, std))
+            out = (x - shift - mean) / std
+            if self.nonzero:
+                out = ops.where(ops.not_equal(x, 0), out, ops.zeros_like(out))
+            return ops.cast(out, dtype)
+        out = (shifted - mean) / std  # NaN and +-inf stay what they were
         if self.nonzero:
-            out = ops.where(ops.not_equal(x, 0), out, ops.zeros_like(out))
+            out = ops.where(inside, out, ops.zeros_like(out))
+        out = ops.reshape(out, shape)
         return ops.cast(out, dtype)
 
     def get_config(self) -> dict:
