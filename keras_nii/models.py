@@ -27,6 +27,13 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     return int(value)
 
 
+def _check_divisor(divisor: Any) -> tuple[int, int, int]:
+    values = [divisor] * 3 if isinstance(divisor, (int, np.integer)) else list(divisor)
+    if len(values) != 3:
+        raise ValueError(f"divisor must be an int or 3 ints, got {divisor!r}")
+    return tuple(_check_int("divisor", v, 1) for v in values)
+
+
 def _spatial_axes(data_format: str) -> tuple[int, int, int]:
     return (1, 2, 3) if data_format == "channels_last" else (2, 3, 4)
 
@@ -68,10 +75,7 @@ class SizeDivisor(keras.layers.Layer):
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
-        values = [divisor] * 3 if isinstance(divisor, (int, np.integer)) else list(divisor)
-        if len(values) != 3:
-            raise ValueError(f"divisor must be an int or 3 ints, got {divisor!r}")
-        self.divisor = tuple(_check_int("divisor", v, 1) for v in values)
+        self.divisor = _check_divisor(divisor)
         self.data_format = _check_data_format(data_format)
         self.size_divisor = self.add_weight(
             name="size_divisor",
@@ -139,10 +143,7 @@ class PadToMultiple(keras.layers.Layer):
         self, divisor: int | Sequence[int] = 1, data_format: str = "channels_last", **kwargs: Any
     ):
         super().__init__(**kwargs)
-        values = [divisor] * 3 if isinstance(divisor, (int, np.integer)) else list(divisor)
-        if len(values) != 3:
-            raise ValueError(f"divisor must be an int or 3 ints, got {divisor!r}")
-        self.divisor = tuple(_check_int("divisor", v, 1) for v in values)
+        self.divisor = _check_divisor(divisor)
         self.data_format = _check_data_format(data_format)
         self.supports_masking = True
 

@@ -14,7 +14,7 @@ are interpolated linearly between the two neighbouring order statistics, as
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import keras
@@ -119,20 +119,31 @@ def finite_quantiles(rows: Any, qs: Sequence[float]) -> list[Any]:
     count = ops.sum(ops.cast(finite, "int32"), axis=1, keepdims=True)
     below = ops.logical_and(ops.logical_not(finite), rows < 0)
     first = ops.sum(ops.cast(below, "int32"), axis=1, keepdims=True)
-    last = ops.maximum(count - 1, 0)
     end = ops.cast(ops.shape(rows)[1], "int32") - 1
     out = []
+    for lower, fraction, last in _finite_positions(count, qs):
+        upper = ops.minimum(lower + 1, last)
+        low = _pick(ordered, ops.minimum(first + lower, end))
+        high = _pick(ordered, ops.minimum(first + upper, end))
+        out.append(_interpolate(low, high, fraction, count))
+    return out
+
+
+def _finite_positions(count: Any, qs: Sequence[float]) -> Iterator[tuple[Any, Any, Any]]:
+    """For each quantile of ``count`` finite values: the lower order statistic's
+    index (clipped to the last), the fraction towards the next, and the last index."""
+    last = ops.maximum(count - 1, 0)
     for q in qs:
         if not 0.0 <= q <= 1.0:
             raise ValueError(f"a quantile must be in [0, 1], got {q!r}")
         lower, fraction = _position(ops.maximum(count, 1), float(q))
-        lower = ops.minimum(lower, last)
-        upper = ops.minimum(lower + 1, last)
-        low = _pick(ordered, ops.minimum(first + lower, end))
-        high = _pick(ordered, ops.minimum(first + upper, end))
-        value = low + (high - low) * ops.cast(fraction, rows.dtype)
-        out.append(ops.where(count > 0, value, ops.zeros_like(value)))
-    return out
+        yield ops.minimum(lower, last), fraction, last
+
+
+def _interpolate(low: Any, high: Any, fraction: Any, count: Any) -> Any:
+    """``low`` to ``high`` by ``fraction``; 0 for a row without a finite value."""
+    value = low + (high - low) * ops.cast(fraction, low.dtype)
+    return ops.where(count > 0, value, ops.zeros_like(value))
 
 
 #: halvings of each row's range in :func:`searched_quantiles`: first of the
@@ -219,13 +230,8 @@ def searched_quantiles(rows: Any, qs: Sequence[float]) -> list[Any]:
     count = ops.sum(ops.cast(finite, "int32"), axis=1, keepdims=True)
     low = ops.min(ops.where(finite, rows, ops.full_like(rows, math.inf)), axis=1, keepdims=True)
     high = ops.max(ops.where(finite, rows, ops.full_like(rows, -math.inf)), axis=1, keepdims=True)
-    last = ops.maximum(count - 1, 0)
     out = []
-    for q in qs:
-        if not 0.0 <= q <= 1.0:
-            raise ValueError(f"a quantile must be in [0, 1], got {q!r}")
-        lower, fraction = _position(ops.maximum(count, 1), float(q))
-        lower = ops.minimum(lower, last)
+    for lower, fraction, last in _finite_positions(count, qs):
         value_low = _order_statistic(rows, finite, lower, low, high)
         # the next order statistic: the same value while it repeats, else the next value
         repeats = _count_at_most(rows, finite, value_low) >= lower + 2
@@ -234,6 +240,5 @@ def searched_quantiles(rows: Any, qs: Sequence[float]) -> list[Any]:
             value_low,
             _smallest_above(rows, finite, value_low),
         )
-        value = value_low + (value_high - value_low) * ops.cast(fraction, rows.dtype)
-        out.append(ops.where(count > 0, value, ops.zeros_like(value)))
+        out.append(_interpolate(value_low, value_high, fraction, count))
     return out
