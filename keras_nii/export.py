@@ -190,8 +190,6 @@ def _finish_onnx(path: str, names: list[str], keras_model: Any) -> None:
     record the model's size divisor in the metadata (``keras_nii.size_divisor``)."""
     import onnx
 
-    from keras_nii.inference import size_divisor
-
     model = onnx.load(path)
     graph = model.graph
     taken = {v for node in graph.node for v in (*node.input, *node.output)}
@@ -214,8 +212,8 @@ def _finish_onnx(path: str, names: list[str], keras_model: Any) -> None:
                 node.input[i] = renamed.get(value, value)
         for out in graph.output:
             out.name = renamed.get(out.name, out.name)
-    divisor = size_divisor(keras_model)
-    if divisor is not None and divisor != (1, 1, 1):
+    divisor = size_divisor_of(keras_model)
+    if divisor is not None:
         onnx.helper.set_model_props(
             model,
             {
@@ -261,6 +259,70 @@ def _export_litert(model: Any, path: str) -> None:
         raise ValueError(
             f"cannot convert the model to LiteRT with builtin ops only: {what}"[:1000]
         ) from err
+    divisor = size_divisor_of(model)
+    if divisor is not None:
+        _add_litert_metadata(path, DIVISOR_KEY, ",".join(str(d) for d in divisor))
+
+
+def size_divisor_of(model: Any) -> tuple[int, int, int] | None:
+    """The size divisor an artifact should record: ``None`` when any size is taken."""
+    from keras_nii.inference import size_divisor
+
+    divisor = size_divisor(model)
+    return None if divisor is None or divisor == (1, 1, 1) else divisor
+
+
+def litert_schema() -> Any:
+    """The LiteRT flatbuffer schema's Python module (``ai-edge-litert``'s, else TensorFlow's)."""
+    try:
+        from ai_edge_litert import schema_py_generated
+    except ImportError:
+        from tensorflow.lite.python import schema_py_generated
+    return schema_py_generated
+
+
+def _add_litert_metadata(path: str, name: str, value: str) -> None:
+    """Add a named metadata entry (a buffer of UTF-8 bytes) to a ``.tflite`` file, in place.
+
+    The flatbuffer ``Model`` has a list of named metadata buffers for this
+    (LiteRT's own ``min_runtime_version`` is one); the interpreter ignores
+    the others. The file is rewritten through a temporary and a rename.
+    """
+    import flatbuffers
+    import numpy as np
+
+    schema = litert_schema()
+    with open(path, "rb") as file:
+        model = schema.ModelT.InitFromPackedBuf(bytearray(file.read()), 0)
+    buffer = schema.BufferT()
+    buffer.data = np.frombuffer(value.encode("utf-8"), np.uint8)
+    model.buffers.append(buffer)
+    entry = schema.MetadataT()
+    entry.name = name
+    entry.buffer = len(model.buffers) - 1
+    model.metadata = [*(model.metadata or []), entry]
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    tmp = path + ".partial"
+    with open(tmp, "wb") as file:
+        file.write(builder.Output())
+    os.replace(tmp, path)
+
+
+def read_litert_metadata(path: str) -> dict[str, bytes]:
+    """The named metadata buffers of a ``.tflite`` file (without TensorFlow)."""
+    schema = litert_schema()
+    with open(path, "rb") as file:
+        data = bytearray(file.read())
+    model = schema.Model.GetRootAs(data, 0)
+    out = {}
+    for i in range(model.MetadataLength()):
+        entry = model.Metadata(i)
+        buffer = model.Buffers(entry.Buffer())
+        out[entry.Name().decode("utf-8")] = (
+            bytes(buffer.DataAsNumpy()) if buffer.DataLength() else b""
+        )
+    return out
 
 
 def _layers_of(model: Any) -> list:

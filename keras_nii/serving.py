@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from keras_nii.export import DIVISOR_KEY, TensorSignature
+from keras_nii.export import DIVISOR_KEY, TensorSignature, read_litert_metadata
 
 __all__ = ["OnnxModel", "LiteRTModel", "litert_interpreter"]
 
@@ -103,13 +103,7 @@ class OnnxModel:
             )
         self.input_shape = self.inputs[0].shape
         metadata = self.session.get_modelmeta().custom_metadata_map
-        divisor = metadata.get(DIVISOR_KEY)
-        self.size_divisor = None
-        if divisor:
-            try:
-                self.size_divisor = tuple(int(v) for v in divisor.split(","))
-            except ValueError:
-                raise ValueError(f"model {path}: bad {DIVISOR_KEY} metadata {divisor!r}") from None
+        self.size_divisor = _divisor(metadata.get(DIVISOR_KEY), path)
         self._input = self.inputs[0]
         self._output = self.outputs[0].name
 
@@ -123,6 +117,20 @@ class OnnxModel:
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch, dtype=self._input.dtype)
         return self.session.run([self._output], {self._input.name: batch})[0]
+
+
+def _divisor(value: str | bytes | None, path: Any) -> tuple[int, ...] | None:
+    """A ``keras_nii.size_divisor`` metadata value ("4,4,4"), or ``None`` without one."""
+    if not value:
+        return None
+    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+    try:
+        divisor = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        divisor = ()
+    if len(divisor) != 3 or min(divisor) < 1:
+        raise ValueError(f"model {path}: bad {DIVISOR_KEY} metadata {text!r}")
+    return divisor
 
 
 def litert_interpreter(path: str | os.PathLike, threads: int | None = None) -> Any:
@@ -156,6 +164,12 @@ class LiteRTModel:
     Args:
         path: the ``.tflite`` file (``keras-nii export MODEL OUT.tflite``).
         threads: interpreter threads (default: LiteRT's).
+
+    Attributes:
+        size_divisor: the multiple the spatial sizes must be, from the file's
+            ``keras_nii.size_divisor`` metadata buffer (written by
+            :func:`keras_nii.export.export_model` for a model that takes
+            multiples only), or ``None``.
     """
 
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None):
@@ -170,6 +184,7 @@ class LiteRTModel:
         self._input = inputs[0]
         self._output = self.interpreter.get_output_details()[0]["index"]
         self.input_shape = tuple(None if s < 0 else int(s) for s in inputs[0]["shape_signature"])
+        self.size_divisor = _divisor(read_litert_metadata(self.path).get(DIVISOR_KEY), self.path)
         self._shape: tuple | None = None
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:

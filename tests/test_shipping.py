@@ -314,7 +314,7 @@ def test_unet_with_the_fingerprint_normalization_in_every_runtime(shipped):
 
     saved = load_model(folder / "unet_sm")
     # the U-Net pads by itself (pad_to_fit): no file needs a size divisor
-    assert onnx.size_divisor is None
+    assert onnx.size_divisor is None and tflite.size_divisor is None
     assert size_divisor(saved) is None and size_divisor(model) == (1, 1, 1)
     rng = np.random.default_rng(1)
     # sizes that are multiples of the U-Net's 4, and sizes that it pads inside the graph
@@ -380,6 +380,7 @@ def test_predict_nifti_with_onnx_pads_to_the_divisor_and_resamples(tmp_path):
     keras.utils.set_random_seed(0)
     model = fingerprint_unet(pad_to_fit=False)
     export_model(model, tmp_path / "unet.onnx")
+    export_model(model, tmp_path / "unet.tflite")
     image, _, affine = make_phantom(
         (21, 26, 15), seed=5, orientation="LPS", spacing=(1.2, 1.0, 1.3)
     )
@@ -387,13 +388,17 @@ def test_predict_nifti_with_onnx_pads_to_the_divisor_and_resamples(tmp_path):
     nib.save(img, tmp_path / "odd.nii.gz")
     scan = str(tmp_path / "odd.nii.gz")
     onnx = OnnxModel(tmp_path / "unet.onnx")
+    tflite = LiteRTModel(tmp_path / "unet.tflite")
     assert onnx.size_divisor == (4, 4, 4)  # from the file's metadata
+    assert tflite.size_divisor == (4, 4, 4)  # from a metadata buffer of the flatbuffer
     for options in [{}, {"spacing": (1.5, 1.5, 1.5)}]:
-        got, want = tmp_path / "onnx.nii.gz", tmp_path / "keras.nii.gz"
-        predict_nifti(onnx, scan, got, output="probabilities", **options)
+        want = tmp_path / "keras.nii.gz"
         predict_nifti(model, scan, want, output="probabilities", **options)
-        assert nib.load(got).shape[:3] == (21, 26, 15)
-        assert_close(nib.load(got).get_fdata(), nib.load(want).get_fdata(), str(options))
+        for name, served in [("onnx", onnx), ("tflite", str(tmp_path / "unet.tflite"))]:
+            got = tmp_path / f"{name}.nii.gz"
+            predict_nifti(served, scan, got, output="probabilities", **options)
+            assert nib.load(got).shape[:3] == (21, 26, 15)
+            assert_close(nib.load(got).get_fdata(), nib.load(want).get_fdata(), f"{name} {options}")
 
 
 _SERVE = """
