@@ -265,6 +265,13 @@ def unet3d(
     are traced for unknown sizes, and the mismatch then shows as a
     TensorFlow shape error in the skip connection.
 
+    Either way, ``model.export`` under the JAX backend must be told that the
+    sizes are multiples of ``2**levels`` (jax2tf cannot prove that the
+    upsampled features match their skip connections otherwise), e.g. for
+    ``levels=2`` and one channel: ``model.export(path, jax2tf_kwargs=
+    {"polymorphic_shapes": ["(batch, 4*x, 4*y, 4*z, 1)"]})``; the exported
+    model then takes multiples of 4.
+
     Args:
         input_shape: ``(x, y, z, channels)``; spatial sizes may be ``None``.
         num_classes: output channels: 1 (sigmoid) or >= 2 (softmax).

@@ -9,6 +9,11 @@ b``, ``q * (n - 1) = a * floor(4096 q) + (a * frac(4096 q) + b * q)``, an
 exact int32 product plus a float32 term below ``2**19 + 4096``. The values
 are interpolated linearly between the two neighbouring order statistics, as
 ``numpy.percentile``'s default ``method="linear"``.
+
+The order statistics come from a sort, except where a graph cannot sort:
+jax2onnx (Keras's ONNX exporter under JAX) sorts only along static lengths,
+so under JAX with symbolic sizes :func:`searched_quantiles` finds them by
+bisection instead.
 """
 
 from __future__ import annotations
