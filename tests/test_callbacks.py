@@ -152,7 +152,7 @@ def test_bad_arguments(scans) -> None:
 
 _MEMORY_SCRIPT = textwrap.dedent(
     """
-    import os, resource, sys
+    import os, sys
     import numpy as np
     from keras_nii.inference import predict_nifti
 
@@ -165,7 +165,11 @@ _MEMORY_SCRIPT = textwrap.dedent(
         before = int(f.read().split()[1]) * page
     predict_nifti(model, sys.argv[1], sys.argv[2], patch_size=(96, 96, 96), overlap=0.25,
                   batch_size=2)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # this process's own peak (VmHWM), not ru_maxrss: Linux carries the parent's peak
+    # RSS into the child's ru_maxrss across fork / exec, so under a pytest process of
+    # 3 GB it read 3 GB whatever predict_nifti did
+    with open("/proc/self/status") as f:
+        peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024
     print(before, peak)
     """
 )
