@@ -38,17 +38,7 @@ def bench_elastic(ctx: Context) -> None:
     ctx.keras_rows("elastic", "image+mask", make, paired, reference=True, note=note)
 
     def monai() -> Callable[[], Any]:
-        mt = ctx.monai()
-        tfm = mt.Rand3DElasticd(
-            keys=["image", "label"],
-            sigma_range=(5.0, 8.0),
-            magnitude_range=(100.0, 200.0),
-            prob=1.0,
-            mode=("bilinear", "nearest"),
-            padding_mode="zeros",
-            device=ctx.torch().device(ctx.torch_device()),
-        )
-        return ctx.monai_pairs(tfm)
+        return ctx.monai_pairs(monai_rand_elastic(ctx))
 
     ctx.add_torch(
         "elastic",
@@ -108,4 +98,19 @@ def bench_elastic(ctx: Context) -> None:
         "1",
         scipy_ref,
         note="cubic zoom of a coarse field + map_coordinates",
+    )
+
+
+def monai_rand_elastic(ctx: Context) -> Any:
+    """MONAI's ``Rand3DElasticd`` on image and mask, as this row runs it, on the torch
+    peers' device (the pipeline row reuses it)."""
+    mt = ctx.monai()
+    return mt.Rand3DElasticd(
+        keys=["image", "label"],
+        sigma_range=(5.0, 8.0),
+        magnitude_range=(100.0, 200.0),
+        prob=1.0,
+        mode=("bilinear", "nearest"),
+        padding_mode="zeros",
+        device=ctx.torch().device(ctx.torch_device()),
     )

@@ -19,7 +19,7 @@ from keras_nii.bench.core import (
     operation,
     try_import,
 )
-from keras_nii.bench.elastic import ELASTIC_DISPLACEMENT, ELASTIC_POINTS
+from keras_nii.bench.elastic import ELASTIC_DISPLACEMENT, ELASTIC_POINTS, monai_rand_elastic
 
 UNFUSED = "image+mask unfused"
 
@@ -112,16 +112,7 @@ def bench_pipeline(ctx: Context) -> None:
             flips = [
                 mt.RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=a) for a in range(3)
             ]
-            # the elastic bench row's MONAI deformation
-            elastic = mt.Rand3DElasticd(
-                keys=["image", "label"],
-                sigma_range=(5.0, 8.0),
-                magnitude_range=(100.0, 200.0),
-                prob=1.0,
-                mode=("bilinear", "nearest"),
-                padding_mode="zeros",
-                device=ctx.torch().device(ctx.torch_device()),
-            )
+            elastic = monai_rand_elastic(ctx)  # the elastic bench row's MONAI deformation
             noise = mt.RandGaussianNoised(keys=["image"], prob=1.0, std=0.1)
             tfm = mt.Compose(
                 [*flips, monai_rand_affine(ctx, with_mask=True), elastic, noise], lazy=lazy
