@@ -12,10 +12,6 @@ TensorFlow only.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import keras
@@ -23,6 +19,7 @@ import numpy as np
 import pytest
 
 import keras_nii.layers
+from tests.scripts import run_script
 
 pytestmark = pytest.mark.skipif(
     keras.backend.backend() != "tensorflow", reason="SavedModel export needs TensorFlow"
@@ -74,16 +71,9 @@ def plain_model() -> keras.Model:
 
 
 def run_fresh(script: str, cwd, timeout: int = 240, isolated: bool = True) -> dict:
-    """Run ``script`` in a fresh interpreter; it prints ``RESULT <json>`` last."""
-    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
-    command = [sys.executable, *(["-I"] if isolated else []), "-c", script]
-    proc = subprocess.run(
-        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULT ") :])
+    """Run ``script`` in a fresh TensorFlow interpreter; it prints ``RESULT <json>`` last."""
+    env = {"KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return run_script(script, env=env, cwd=cwd, timeout=timeout, isolated=isolated, checkout=False)
 
 
 # The serving process: keras_nii made unimportable before anything else runs.

@@ -18,10 +18,6 @@ in ``test_shipping_backends.py``).
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import keras
@@ -51,6 +47,7 @@ from keras_nii.layers import (  # noqa: E402
 from keras_nii.models import unet3d  # noqa: E402
 from keras_nii.phantoms import make_phantom  # noqa: E402
 from keras_nii.serving import LiteRTModel, OnnxModel  # noqa: E402
+from tests.scripts import run_script  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -415,26 +412,10 @@ print("RESULT " + json.dumps({{"heavy": heavy}}))
 def test_predict_nifti_with_onnx_imports_no_framework(shipped, tmp_path):
     scan = write_scan(tmp_path / "scan.nii.gz", "LPS", seed=4)
     out = tmp_path / "served.nii.gz"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            _SERVE.format(heavy=HEAVY),
-            str(shipped["folder"] / "unet.onnx"),
-            scan,
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=240,
+    result = run_script(
+        _SERVE.format(heavy=HEAVY), shipped["folder"] / "unet.onnx", scan, out, timeout=240
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert json.loads(lines[-1][len("RESULT ") :]) == {"heavy": []}
+    assert result == {"heavy": []}
     # and it predicted what the Keras model predicts
     reference = tmp_path / "keras.nii.gz"
     predict_nifti(shipped["model"], scan, reference, patch_size=(16, 16, 8), output="probabilities")
@@ -485,19 +466,8 @@ def test_onnx_export_from_another_backend(tmp_path, backend, needs):
 
     if importlib.util.find_spec(needs) is None:
         pytest.skip(f"{needs} is not installed")
-    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    proc = subprocess.run(
-        [sys.executable, "-c", _BACKEND_EXPORT, str(tmp_path / "layers.onnx")],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=400,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
-    result = json.loads(line[len("RESULT ") :])
+    env = {"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    result = run_script(_BACKEND_EXPORT, tmp_path / "layers.onnx", env=env, timeout=400)
     assert result["symbolic"] == [None, None, None, None, 1]
     for errors in result["errors"]:
         *relative, identity = errors

@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import subprocess
-import sys
 import textwrap
 import warnings
 
@@ -27,6 +24,7 @@ import pytest
 
 import keras_nii.layers
 from keras_nii.training import AugmentedModel
+from tests.scripts import run_script
 
 BACKEND = keras.backend.backend()
 tf_only = pytest.mark.skipif(BACKEND != "tensorflow", reason="needs the TensorFlow backend")
@@ -341,18 +339,8 @@ _MIRRORED = textwrap.dedent(
 
 @tf_only
 def test_mirrored_strategy_on_two_cpu_devices():
-    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run(
-        [sys.executable, "-c", _MIRRORED],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert lines, proc.stdout[-2000:] + proc.stderr[-2000:]
-    result = json.loads(lines[-1][len("RESULT ") :])
+    env = {"KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    result = run_script(_MIRRORED, env=env, timeout=300, checkout=False)
     assert result["replicas"] == 2
     assert result["aligned"] == [0.0, 0.0]
     assert all(loss > 0.01 for loss in result["control"]), result
